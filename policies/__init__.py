@@ -1,0 +1,1 @@
+"""Policies behind one interface (see policies/base.py)."""
