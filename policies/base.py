@@ -1,0 +1,61 @@
+"""The Policy protocol: what steering, fine-tuning, evaluation and the ROS nodes rely on.
+
+A policy maps an observation and an instruction to chunks of H future actions. Steering asks for
+many candidate chunks at once, so `sample_actions` is ONE batched call that encodes the
+observation once and samples `num_samples` chunks from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Protocol, runtime_checkable, Type
+
+import numpy as np
+
+from robot_rl.types import ACTION_DIM, Observation
+
+
+@runtime_checkable
+class Policy(Protocol):
+    action_horizon: int
+    """H: the length of the action chunk the policy predicts."""
+
+    def reset(self) -> None:
+        """Forget any per-episode state (history, temporal ensembles)."""
+
+    def sample_actions(self, obs: Observation, instruction: str,
+                       num_samples: int) -> np.ndarray:
+        """float32 (num_samples, H, 7) action chunks in environment units."""
+
+
+@runtime_checkable
+class TrainablePolicy(Policy, Protocol):
+    def supervised_loss(self, batch: Any) -> Any:
+        """Scalar torch loss on a batch of (observation, instruction, action chunk) examples.
+
+        The one loss used for behaviour cloning and for PA-RL distillation.
+        """
+
+
+POLICIES: Dict[str, Type] = {}
+"""Registry: policy name -> class (filled by `register_policy`)."""
+
+
+def register_policy(name: str) -> Callable[[Type], Type]:
+    """Class decorator registering a policy class under `name` (one name, one class)."""
+    def decorator(cls: Type) -> Type:
+        if name in POLICIES and POLICIES[name] is not cls:
+            raise ValueError(f'policy name {name!r} is already registered to {POLICIES[name]}')
+        POLICIES[name] = cls
+        return cls
+    return decorator
+
+
+def check_action_chunks(actions: np.ndarray, num_samples: int, horizon: int) -> np.ndarray:
+    """Validate a policy's output: float32 (num_samples, H, 7), all finite."""
+    actions = np.asarray(actions, dtype=np.float32)
+    expected = (num_samples, horizon, ACTION_DIM)
+    if actions.shape != expected:
+        raise ValueError(f'policy returned actions of shape {actions.shape}, expected {expected}')
+    if not np.isfinite(actions).all():
+        raise ValueError('policy returned non-finite actions')
+    return actions
