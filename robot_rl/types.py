@@ -28,7 +28,7 @@ Observation = Dict[str, np.ndarray]
 """{'image_primary': uint8 (H, W, 3), 'state': float32 (7,)}."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ActionSpace:
     """Bounds of the 7-d action and the one normaliser a checkpoint carries.
 
@@ -50,6 +50,13 @@ class ActionSpace:
             raise ValueError(f'ActionSpace: every high must exceed its low, got {low} / {high}')
         object.__setattr__(self, 'low', low)
         object.__setattr__(self, 'high', high)
+
+    def __eq__(self, other):
+        return (isinstance(other, ActionSpace) and np.array_equal(self.low, other.low)
+                and np.array_equal(self.high, other.high))
+
+    def __hash__(self):
+        return hash((self.low.tobytes(), self.high.tobytes()))
 
     @classmethod
     def bridge(cls) -> 'ActionSpace':
