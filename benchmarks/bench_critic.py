@@ -12,11 +12,11 @@ Prints medians with the machine they ran on.
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from typing import Callable, List
 
+from machine import cpu_name
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,15 +41,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0 = torch default)')
     return p.parse_args()
-
-
-def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> str:

@@ -12,12 +12,12 @@ other load on shared cores disturbs far less; CPU rate x usable cores bounds the
 import argparse
 import os
 from pathlib import Path
-import platform
 import statistics
 import tempfile
 import time
 
 import cv2
+from machine import describe_cpu
 import numpy as np
 
 from robot_rl.data import rlds
@@ -40,18 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='step shuffle buffer for iter_steps (0 = file order)')
     parser.add_argument('--repeats', type=int, default=5, help='timed passes (after 1 warm-up)')
     return parser.parse_args(argv)
-
-
-def machine() -> str:
-    """'<CPU model>, <n> cores (<m> usable)'."""
-    model = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f
-                         if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)'
 
 
 def synthetic_episode(rng: np.random.Generator, steps: int, size: int) -> Episode:
@@ -127,7 +115,7 @@ def run(directory: Path, args: argparse.Namespace) -> None:
     def episodes_pass() -> int:
         return sum(len(episode) for episode in rlds.iter_episodes(directory))
 
-    print(f'machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start')
+    print(f'machine: {describe_cpu()}; load average {os.getloadavg()[0]:.2f} at start')
     for label, count_pass in (('iter_steps', steps_pass), ('iter_episodes', episodes_pass)):
         wall, cpu = timed_rates(count_pass, args.repeats)
         print(f'{label}: {wall:.0f} steps/s read and decoded ({args.image_size}x'

@@ -10,9 +10,9 @@ Prints the median and p90 of `sample(batch_size)` in ms, bytes per stored step, 
 import argparse
 import os
 from pathlib import Path
-import platform
 import time
 
+from machine import describe_cpu
 import numpy as np
 
 from robot_rl.data.replay import EpisodeBuilder, MixedSampler, ReplayBuffer
@@ -31,18 +31,6 @@ def parse_args(argv=None):
                         help='back the buffer with episode files here (times writes, reopening)')
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args(argv)
-
-
-def machine() -> str:
-    model = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f
-                         if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return f'{model}, {usable} usable cores ({os.cpu_count()} online), numpy {np.__version__}'
 
 
 def synthetic_episode(rng, pool, length, index):
@@ -117,7 +105,7 @@ def main(argv=None):
     args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
     pool = rng.integers(0, 256, (64, args.image_size, args.image_size, 3), dtype=np.uint8)
-    print(f'machine: {machine()}')
+    print(f'machine: {describe_cpu()}')
     buffer = ReplayBuffer(args.directory, capacity=args.steps)
     resident = resident_bytes()
     seconds = fill(buffer, args.steps, args, rng, pool)

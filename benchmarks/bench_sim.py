@@ -20,17 +20,9 @@ import time  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
+from machine import cpu_name  # noqa: E402
+
 from robot_rl.envs import ExpertConfig, make_env, ScriptedExpert, TASKS  # noqa: E402
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    return platform.processor() or 'unknown'
 
 
 def run_steps(env, expert, rng, steps: int, seed: int) -> float:
@@ -64,7 +56,7 @@ def main() -> None:
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
 
-    print(f'machine: {cpu_model()}, {os.cpu_count()} cores, '
+    print(f'machine: {cpu_name()}, {os.cpu_count()} cores, '
           f'pinned to {sorted(os.sched_getaffinity(0))}; python {platform.python_version()}, '
           f'mujoco {mujoco.__version__}')
     medians = []

@@ -1,1 +1,1 @@
-"""robot_rl: value-guided steering and policy-agnostic RL fine-tuning for generalist robot policies."""
+"""robot_rl: V-GPS steering and PA-RL fine-tuning for generalist robot policies."""

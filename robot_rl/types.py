@@ -79,8 +79,8 @@ class ActionSpace:
             raise ValueError(f'action must have shape {self.low.shape}, got {arr.shape}')
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise ValueError(f'action has non-finite entries at indices {np.flatnonzero(bad).tolist()}: '
-                             f'{arr.tolist()}')
+            raise ValueError('action has non-finite entries at indices '
+                             f'{np.flatnonzero(bad).tolist()}: {arr.tolist()}')
         return self.clip(arr)
 
     def clip(self, actions: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from importlib import import_module
 from importlib.metadata import distribution
-import xml.etree.ElementTree as ET
+from xml.etree import ElementTree
 
 from conftest import PROJECT_ROOT
 import pytest
@@ -15,7 +15,7 @@ def console_scripts():
 
 
 def test_package_xml_is_format_3_with_ros_dependencies():
-    root = ET.parse(PROJECT_ROOT / 'package.xml').getroot()
+    root = ElementTree.parse(PROJECT_ROOT / 'package.xml').getroot()
     assert root.get('format') == '3'
     assert root.findtext('name') == 'robot_rl'
     assert root.findtext('export/build_type') == 'ament_python'

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 CONFIG_DIR_ENV = 'ROBOT_RL_CONFIG_DIR'
 
@@ -35,3 +35,19 @@ def compose(config_name: str, overrides: Sequence[str] = ()):
     from hydra import initialize_config_dir
     with initialize_config_dir(config_dir=str(config_dir()), version_base='1.3'):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def hydra_main(config_name: str, run: Callable[[Any], Any]) -> Callable[[], None]:
+    """A console-script `main`: @hydra.main on `config_name`, then `run(config dataclass)`.
+
+    The YAML's first default is a dataclass schema stored in hydra's ConfigStore, so
+    `OmegaConf.to_object` hands `run` a typed, validated object.
+    """
+    import hydra
+    from omegaconf import OmegaConf
+
+    @hydra.main(config_path=str(config_dir()), config_name=config_name, version_base='1.3')
+    def main(cfg) -> None:
+        run(OmegaConf.to_object(cfg))
+
+    return main

@@ -15,14 +15,13 @@ from pathlib import Path
 import time
 from typing import Dict, List
 
-import hydra
 from hydra.core.config_store import ConfigStore
 import numpy as np
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from robot_rl.cli.config import config_dir
-from robot_rl.envs import ExpertConfig, make_env, rollout_episode, ScriptedExpert, TASKS
+from robot_rl.cli.config import hydra_main
+from robot_rl.envs import check_tasks, ExpertConfig, make_env, rollout_episode, ScriptedExpert
+from robot_rl.envs import TASKS
 from robot_rl.types import CONTROL_HZ, Episode
 from robot_rl.viz import caption, write_video
 
@@ -42,10 +41,7 @@ class DemoConfig:
     expert: ExpertConfig = dataclasses.field(default_factory=ExpertConfig)
 
     def validate(self) -> 'DemoConfig':
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or not self.tasks:
-            raise ValueError(f'tasks must be a non-empty subset of {sorted(TASKS)}; '
-                             f'unknown: {unknown}')
+        check_tasks(self.tasks)
         if self.episodes_per_task < 1:
             raise ValueError(f'episodes_per_task must be >= 1, got {self.episodes_per_task}')
         if self.video_size < 64:
@@ -107,13 +103,7 @@ def run(cfg: DemoConfig) -> Dict[str, Dict[str, float]]:
     return results
 
 
-@hydra.main(config_path=str(config_dir()), config_name='demo', version_base='1.3')
-def _hydra_main(cfg) -> None:
-    run(OmegaConf.to_object(cfg))
-
-
-def main() -> None:
-    _hydra_main()
+main = hydra_main('demo', run)
 
 
 if __name__ == '__main__':

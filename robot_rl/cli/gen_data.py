@@ -14,13 +14,12 @@ import dataclasses
 import logging
 from typing import Dict, Iterator, List
 
-import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from robot_rl.cli.config import config_dir
-from robot_rl.envs import ExpertConfig, make_env, rollout_episode, ScriptedExpert, TASKS
+from robot_rl.cli.config import hydra_main
+from robot_rl.envs import check_tasks, ExpertConfig, make_env, rollout_episode, ScriptedExpert
+from robot_rl.envs import TASKS
 from robot_rl.types import Episode
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,7 @@ class GenDataConfig:
     expert: ExpertConfig = dataclasses.field(default_factory=ExpertConfig)
 
     def validate(self) -> 'GenDataConfig':
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or not self.tasks:
-            raise ValueError(f'tasks must be a non-empty subset of {sorted(TASKS)}; '
-                             f'unknown: {unknown}')
+        check_tasks(self.tasks)
         if self.episodes_per_task < 1:
             raise ValueError(f'episodes_per_task must be >= 1, got {self.episodes_per_task}')
         if not 0.0 <= self.val_fraction < 1.0:
@@ -107,18 +103,14 @@ def run(cfg: GenDataConfig):
                              image_format=cfg.image_format, overwrite=cfg.overwrite,
                              description='Simulated WidowX scripted-expert episodes '
                                          f'(robot_rl), expert={cfg.expert}')
+    counts = ', '.join(f'{split}: {len(s) * len(cfg.tasks)} episodes'
+                       for split, s in seeds.items())
     log.info('wrote %d episodes to %s', total, path)
-    print(f'Dataset: {path}  ({", ".join(f"{k}: {len(v) * len(cfg.tasks)} episodes" for k, v in seeds.items())})')
+    print(f'Dataset: {path}  ({counts})')
     return path
 
 
-@hydra.main(config_path=str(config_dir()), config_name='gen_data', version_base='1.3')
-def _hydra_main(cfg) -> None:
-    run(OmegaConf.to_object(cfg))
-
-
-def main() -> None:
-    _hydra_main()
+main = hydra_main('gen_data', run)
 
 
 if __name__ == '__main__':

@@ -9,10 +9,11 @@ from robot_rl.envs import offscreen  # noqa: F401, I100  (first: GL set-up befor
 
 from robot_rl.envs.experts import ExpertConfig, rollout_episode, ScriptedExpert
 from robot_rl.envs.registration import ENV_IDS, make_env, register_envs
-from robot_rl.envs.tasks import get_task, ObjectSpec, TaskSpec, TASKS
+from robot_rl.envs.tasks import check_tasks, get_task, ObjectSpec, TASKS, TaskSpec
 from robot_rl.envs.widowx_env import ObjectPose, WidowXEnv
 
 register_envs()
 
-__all__ = ['ENV_IDS', 'ExpertConfig', 'ObjectPose', 'ObjectSpec', 'ScriptedExpert', 'TASKS',
-           'TaskSpec', 'WidowXEnv', 'get_task', 'make_env', 'register_envs', 'rollout_episode']
+__all__ = ['check_tasks', 'ENV_IDS', 'ExpertConfig', 'get_task', 'make_env', 'ObjectPose',
+           'ObjectSpec', 'register_envs', 'rollout_episode', 'ScriptedExpert', 'TASKS', 'TaskSpec',
+           'WidowXEnv']

@@ -145,6 +145,14 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
+def check_tasks(names) -> None:
+    """ValueError unless `names` is a non-empty list of registered task names."""
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown or not names:
+        raise ValueError(f'tasks must be a non-empty subset of {sorted(TASKS)}; '
+                         f'unknown: {unknown}')
+
+
 def build_model(task: TaskSpec) -> mujoco.MjModel:
     """Compile the robot scene with the task's two objects as free bodies."""
     spec = mujoco.MjSpec.from_file(ASSET_PATH)

@@ -243,7 +243,6 @@ class Critic(nn.Module):
         return loss, out.softmax(-1) @ self.bin_centers
 
 
-
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
