@@ -52,7 +52,7 @@ def test_demo_writes_video_and_results(tmp_path):
     out = run_script('robot-rl-demo', 'tasks=[spoon_on_towel]', 'episodes_per_task=2',
                      'expert=clean', 'image_size=64', 'video_size=128',
                      f'output_dir={tmp_path / "demo"}', cwd=tmp_path)
-    assert 'spoon_on_towel' in out and 'promised' in out
+    assert 'spoon_on_towel' in out and 'P(no failure drawn)' in out
     summary = json.loads((tmp_path / 'demo' / 'results.json').read_text())
     assert summary['results']['spoon_on_towel']['episodes'] == 2
     import imageio.v2 as imageio
