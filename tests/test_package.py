@@ -2,6 +2,9 @@
 
 from importlib import import_module
 from importlib.metadata import distribution
+import shutil
+import subprocess
+import sys
 from xml.etree import ElementTree
 
 from conftest import PROJECT_ROOT
@@ -48,3 +51,18 @@ def test_no_ros_imports_outside_nodes():
                     stripped.startswith('from ') and '_msgs' in stripped.split()[1]):
                 offenders.append(f'{rel}: {stripped}')
     assert not offenders, offenders
+
+
+@pytest.mark.skipif(shutil.which('git') is None, reason='git is needed to copy the sources')
+def test_install_puts_the_ament_layout_in_place(tmp_path):
+    """A non-editable install (what colcon and pip do) ships the index marker, configs, assets."""
+    source, prefix = tmp_path / 'src', tmp_path / 'prefix'
+    subprocess.run(['git', 'clone', '-q', str(PROJECT_ROOT), str(source)], check=True, timeout=120)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                    '--no-build-isolation', '--prefix', str(prefix), str(source)],
+                   check=True, timeout=300, capture_output=True)
+    share = prefix / 'share'
+    assert (share / 'ament_index' / 'resource_index' / 'packages' / 'robot_rl').is_file()
+    assert (share / 'robot_rl' / 'package.xml').is_file()
+    assert (share / 'robot_rl' / 'configs' / 'demo.yaml').is_file()
+    assert list(prefix.glob('lib/python3*/site-packages/robot_rl/envs/assets/widowx250.xml'))
