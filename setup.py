@@ -40,6 +40,13 @@ setup(
         'console_scripts': [
             'robot-rl-demo = robot_rl.cli.demo:main',
             'robot-rl-gen-data = robot_rl.cli.gen_data:main',
+            'sim = robot_rl.nodes.sim_node:main',
+            'policy = robot_rl.nodes.policy_node:main',
+            'learner = robot_rl.nodes.learner_node:main',
+            'recorder = robot_rl.nodes.recorder_node:main',
+            'widowx = robot_rl.nodes.widowx_node:main',
+            'camera = robot_rl.nodes.camera_node:main',
+            'robot-rl-train-critic = robot_rl.cli.train_critic:main',
         ],
     },
 )

@@ -1,0 +1,126 @@
+"""Every node's declared parameters, as data (no rclpy): one source for the nodes and the T0
+launch/parameter-file checks. `robot_rl.nodes.ros_common.declare_all` turns each ParamSpec into
+`declare_parameter(name, default, ParameterDescriptor(...))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    read_only: bool = False
+
+
+P = ParamSpec
+_RATE = P('control_rate_hz', 5.0, 'Control rate (Hz); Bridge policies act at 5 Hz.', 0.5, 50.0)
+_HYDRA = [
+    P('config_name', 'online', 'Hydra config (configs/<name>.yaml) composed with the hydra '
+      'compose API; its policy.* section overrides policy.name/kwargs_json. Empty = none.',
+      read_only=True),
+    P('config_overrides', [''], 'Hydra overrides, e.g. ["policy.kwargs.hidden=128"].',
+      read_only=True),
+]
+_POLICY_MODEL = [
+    P('policy.name', 'tiny_mlp', 'Registered policy name (policies.base.POLICIES).',
+      read_only=True),
+    P('policy.kwargs_json', '{}', 'JSON object of policy constructor arguments.',
+      read_only=True),
+]
+
+NODE_PARAMS: Dict[str, List[ParamSpec]] = {
+    'sim': [
+        P('task', 'spoon_on_towel', 'Simulated task (robot_rl.envs.TASKS).', read_only=True),
+        P('image_size', 128, 'Camera pixels per side.', 64, 256, read_only=True),
+        P('max_episode_steps', 0, 'Truncate episodes after this many steps (0 = the task\'s '
+          'own limit).', 0, 10000),
+        P('seed', 0, 'Seed of the first episode; episode k uses seed + k.', 0, 2 ** 31 - 1),
+        P('auto_reset', True, 'Start a new episode when one ends.'),
+        _RATE,
+        P('frame_id', 'camera', 'frame_id of the camera images.'),
+        P('jpeg_quality', 90, 'JPEG quality of the compressed image topic.', 1, 100),
+    ],
+    'policy': _HYDRA + _POLICY_MODEL + [
+        P('policy.checkpoint', '', 'Initial weights (.safetensors with JSON sidecar); empty '
+          '= the policy\'s own initialisation.', read_only=True),
+        _RATE,
+        P('device', 'cpu', 'Torch device for inference (cpu, cuda, auto).', read_only=True),
+        P('steering.num_samples', 1, 'Candidate actions sampled per step (K); K > 1 picks '
+          'among them with the critic when steering.critic_checkpoint is set.', 1, 256),
+        P('steering.critic_checkpoint', '', 'Critic checkpoint for value-guided selection; '
+          'empty = no steering (first sample).', read_only=True),
+        P('actor_id', '', 'Name of this actor in transition batches (empty = node name + '
+          'process id).', read_only=True),
+        P('transitions.enabled', True, 'Publish transitions for the learner.'),
+        P('transitions.batch_steps', 4, 'Steps per transition message (an episode end '
+          'flushes early).', 1, 256),
+        P('transitions.history_depth', 1000, 'Transition messages kept for late-joining or '
+          'restarted learners (reliable, transient local).', 1, 100000, read_only=True),
+        P('transitions.image_format', 'jpeg', 'Frame encoding on the wire: jpeg or png.'),
+        P('default_instruction', '', 'Instruction used until one arrives on the topic.'),
+    ],
+    'learner': _HYDRA + _POLICY_MODEL + [
+        P('replay_dir', 'learner/replay', 'On-disk replay buffer directory.', read_only=True),
+        P('checkpoint_dir', 'learner/checkpoints', 'Checkpoint directory (resumed from).',
+          read_only=True),
+        P('batch_size', 32, 'Replay batch size per update.', 1, 4096),
+        P('lr', 1e-3, 'Adam learning rate.', 1e-7, 1.0),
+        P('min_transitions', 4, 'Transitions in replay before updates start.', 1, 10 ** 9),
+        P('publish_every', 10, 'Publish a new weight version every N updates.', 1, 10 ** 6),
+        P('update_rate_hz', 10.0, 'Rate of the update timer (Hz).', 0.1, 1000.0),
+        P('updates_per_tick', 1, 'Gradient steps per timer tick.', 0, 1000),
+        P('device', 'auto', 'Torch device: auto (cuda when present), cpu or cuda.',
+          read_only=True),
+        P('seed', 0, 'Seed of replay sampling.', 0, 2 ** 31 - 1),
+        P('transitions.history_depth', 1000, 'Depth requested on the transitions topic '
+          '(transient local: a restarted learner receives what it missed).', 1, 100000,
+          read_only=True),
+    ],
+    'recorder': [
+        P('output_dir', 'recordings', 'Directory for the RLDS dataset and the MCAP bag.',
+          read_only=True),
+        P('dataset_name', 'robot_rl_episodes', 'TFDS dataset name (lower case).',
+          read_only=True),
+        P('rlds', True, 'Write closed episodes as a Bridge-format RLDS dataset.'),
+        P('bag', True, 'Record the camera, action, event and instruction topics to MCAP.'),
+        P('image_format', 'jpeg', 'RLDS image encoding: jpeg or png.'),
+        P('flush_period_s', 1.0, 'How often closed episodes are written out (s).', 0.05, 600.0),
+    ],
+    'widowx': [
+        P('robot_model', 'wx250s', 'Interbotix robot name (topic namespace /<robot>/...).',
+          read_only=True),
+        P('command_interface', 'interbotix', 'interbotix (JointGroupCommand + '
+          'JointSingleCommand) or trajectory (trajectory_msgs/JointTrajectory).',
+          read_only=True),
+        P('trajectory_topic', '/arm_controller/joint_trajectory', 'JointTrajectory topic '
+          'of the ros2_control joint trajectory controller.', read_only=True),
+        _RATE,
+        P('max_joint_step', 0.35, 'Largest joint change per control step (rad).', 0.01, 3.0),
+        P('ik_damping', 0.05, 'Damped-least-squares lambda.', 0.001, 1.0),
+        P('workspace_low', [0.12, -0.25, 0.015, -0.8, -0.8, -2.0], 'End-effector target '
+          'lower bounds [x, y, z (m), roll, pitch, yaw (rad)].', read_only=True),
+        P('workspace_high', [0.45, 0.25, 0.25, 0.8, 0.8, 2.0], 'End-effector target upper '
+          'bounds.', read_only=True),
+    ],
+    'camera': [
+        P('device', '0', 'OpenCV capture source: a device index ("0") or a path/URL.',
+          read_only=True),
+        P('width', 640, 'Requested capture width (px).', 16, 8192, read_only=True),
+        P('height', 480, 'Requested capture height (px).', 16, 8192, read_only=True),
+        P('output_size', 256, 'Published square image size (px; 0 = as captured).', 0, 4096),
+        P('rate_hz', 10.0, 'Publish rate (Hz).', 0.5, 120.0),
+        P('frame_id', 'camera', 'frame_id of the published images.'),
+        P('jpeg_quality', 90, 'JPEG quality of the compressed topic.', 1, 100),
+    ],
+}
+
+
+def declared_names(node: str) -> List[str]:
+    return [p.name for p in NODE_PARAMS[node]]

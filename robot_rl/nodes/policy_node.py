@@ -1,0 +1,247 @@
+"""policy: camera + instruction in, 7-d actions out at the control rate; transitions out;
+new weights in by version (keep-latest; the node never waits for the learner).
+
+Subscribes:
+    camera/image_raw   sensor_msgs/Image (SENSOR_QOS); the callback only keeps the latest
+    instruction        std_msgs/String (LATCHED_QOS); an empty one is logged and ignored
+    events             std_msgs/String JSON step events (COMMAND_QOS): state, reward, done
+    weights            std_msgs/UInt8MultiArray weight envelope (LATCHED_QOS); the callback
+                       keeps the latest, a timer verifies and loads it (older versions dropped)
+Publishes:
+    action             std_msgs/Float32MultiArray, 7-d, checked and clipped (COMMAND_QOS)
+    transitions        std_msgs/UInt8MultiArray step-batch envelopes (reliable, transient
+                       local, depth transitions.history_depth)
+    policy/version     std_msgs/Int64, the weight version in use (LATCHED_QOS)
+Inference runs in a timer in its own MutuallyExclusiveCallbackGroup (MultiThreadedExecutor),
+only on a frame newer than the last one acted on.
+Steering: steering.num_samples = K candidates per step; the selection seam is
+`select_candidate` (first sample until the V-GPS steering issue lands a critic scorer).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32MultiArray, Int64, String, UInt8MultiArray
+
+from policies.base import check_action_chunks
+from policies.scripted import make_policy
+from robot_rl.nodes import conversions as conv
+from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
+                                       policy_spec, reject_changes, run, SENSOR_QOS)
+from robot_rl.transport import (ActorTracker, decode_weights, encode_steps, EnvelopeError,
+                                parse_event, VersionGate)
+from robot_rl.types import ActionSpace, IMAGE_KEY, STATE_DIM, STATE_KEY
+
+
+def select_candidate(candidates: np.ndarray, scores: Optional[np.ndarray] = None) -> np.ndarray:
+    """(K, 7) candidates -> one action: argmax of critic scores when given, else the first.
+
+    The V-GPS seam: a critic scorer (robot_rl.steering, separate issue) supplies `scores`.
+    """
+    if scores is None:
+        return candidates[0]
+    return candidates[int(np.argmax(scores))]
+
+
+class PolicyNode(Node):
+    def __init__(self):
+        super().__init__('policy')
+        self.p = declare_all(self, 'policy')
+        self.add_on_set_parameters_callback(reject_changes)
+        self.policy_name, self.policy_kwargs = policy_spec(self.p)
+        self.policy = make_policy(self.policy_name, self.policy_kwargs)
+        self.space = ActionSpace.bridge()
+        self.lock = threading.Lock()
+        self.gate = VersionGate(0)
+        self.version = 0
+        self._load_initial_checkpoint()
+        if self.p['steering.critic_checkpoint']:
+            self.get_logger().warn('steering.critic_checkpoint is set but critic scoring is '
+                                   'not wired yet (V-GPS issue): using the first sample')
+        self.actor_id = self.p['actor_id'] or f'{self.get_name()}-{os.getpid()}'
+        self.instruction = self.p['default_instruction'].strip()
+        self.latest_image: Optional[Image] = None
+        self.images = collections.OrderedDict()  # recent frames by stamp (episode ends)
+        self.closed_stamps = set()
+        self.latest_weights: Optional[UInt8MultiArray] = None
+        self.events = collections.OrderedDict()
+        self.last_event = None
+        self.last_stamp = -1
+        self.tracker = ActorTracker()
+        self.outbox, self.outbox_episode, self.seq = [], None, 0
+        self.pub_action = self.create_publisher(Float32MultiArray, 'action', COMMAND_QOS)
+        self.pub_transitions = self.create_publisher(
+            UInt8MultiArray, 'transitions', history_qos(self.p['transitions.history_depth']))
+        self.pub_version = self.create_publisher(Int64, 'policy/version', LATCHED_QOS)
+        self.create_subscription(Image, 'camera/image_raw', self.on_image, SENSOR_QOS)
+        self.create_subscription(String, 'instruction', self.on_instruction, LATCHED_QOS)
+        self.create_subscription(String, 'events', self.on_event, COMMAND_QOS)
+        self.create_subscription(UInt8MultiArray, 'weights', self.on_weights, LATCHED_QOS)
+        self.create_timer(1.0 / self.p['control_rate_hz'], self.on_control_tick,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(0.05, self.on_weights_tick,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.pub_version.publish(Int64(data=self.version))
+
+    # ------------------------------------------------------------------ callbacks: store only
+
+    def on_image(self, msg: Image) -> None:
+        try:
+            conv.check_image(msg)
+        except ValueError as exc:
+            self.get_logger().error(f'image dropped: {exc}')
+            return
+        self.images[conv.stamp_to_ns(msg.header.stamp)] = msg
+        while len(self.images) > 16:
+            self.images.popitem(last=False)
+        self.latest_image = msg
+
+    def on_instruction(self, msg: String) -> None:
+        try:
+            self.instruction = conv.check_instruction(msg.data)
+        except ValueError as exc:
+            self.get_logger().error(f'instruction dropped: {exc}')
+
+    def on_event(self, msg: String) -> None:
+        try:
+            event = parse_event(msg.data)
+        except ValueError as exc:
+            self.get_logger().error(f'event dropped: {exc}')
+            return
+        self.events[event.stamp_ns] = event
+        self.last_event = event
+        while len(self.events) > 32:
+            self.events.popitem(last=False)
+
+    def on_weights(self, msg: UInt8MultiArray) -> None:
+        self.latest_weights = msg
+
+    # ------------------------------------------------------------------ timers: act
+
+    def on_weights_tick(self) -> None:
+        msg, self.latest_weights = self.latest_weights, None
+        if msg is None:
+            return
+        try:
+            update = decode_weights(conv.uint8_multiarray_bytes(msg))
+            if update.meta.get('policy') != self.policy_name:
+                raise EnvelopeError(f'weights are for policy {update.meta.get("policy")!r}, '
+                                    f'this node runs {self.policy_name!r}')
+            if update.version <= self.gate.current:
+                self.get_logger().info(f'weights version {update.version} dropped (holding '
+                                       f'{self.gate.current})')
+                return
+            with self.lock:
+                self.policy.load_weights(update.tensors, f'weights v{update.version}')
+            self.gate.accept(update.version)
+            self.version = update.version
+        except (EnvelopeError, ValueError, AttributeError) as exc:
+            self.get_logger().error(f'weights message dropped: {exc}')
+            return
+        self.pub_version.publish(Int64(data=self.version))
+        self.get_logger().info(f'now acting with weights version {self.version}')
+
+    def on_control_tick(self) -> None:
+        self.close_episodes()
+        msg = self.latest_image
+        if msg is None or not self.instruction:
+            return
+        self.latest_image = None if msg is self.latest_image else self.latest_image
+        try:
+            image = conv.image_to_rgb(msg)
+        except ValueError as exc:
+            self.get_logger().error(f'image dropped: {exc}')
+            return
+        stamp = conv.stamp_to_ns(msg.header.stamp)
+        if stamp <= self.last_stamp:
+            return  # no new frame since the last action
+        self.last_stamp = stamp
+        event = self.events.get(stamp)
+        if event is not None:
+            if event.done:
+                return  # the episode's final frame: nothing to act on
+            self.queue_steps(self.tracker.observe(image, event), event.episode)
+        state = event.state if event is not None else (
+            self.last_event.state if self.last_event else np.zeros(STATE_DIM, np.float32))
+        action = self.act(image, state)
+        if action is None:
+            return
+        self.pub_action.publish(conv.floats_to_multiarray(Float32MultiArray, action))
+        if event is not None:
+            self.tracker.acted(image, event, action, self.version)
+
+    def close_episodes(self) -> None:
+        """Emit the final step of every episode whose last event and frame have arrived (the
+        robot may reset before the next tick, so the final frame is taken from recent ones)."""
+        for stamp, event in list(self.events.items()):
+            if not event.done or stamp in self.closed_stamps or stamp not in self.images:
+                continue
+            self.closed_stamps.add(stamp)
+            try:
+                image = conv.image_to_rgb(self.images[stamp])
+            except ValueError as exc:
+                self.get_logger().error(f'image dropped: {exc}')
+                continue
+            self.queue_steps(self.tracker.observe(image, event), event.episode)
+            self.policy.reset()
+        if len(self.closed_stamps) > 64:
+            self.closed_stamps = {s for s in self.closed_stamps if s in self.events}
+
+    def act(self, image: np.ndarray, state: np.ndarray) -> Optional[np.ndarray]:
+        k = self.p['steering.num_samples']
+        obs = {IMAGE_KEY: image, STATE_KEY: np.asarray(state, np.float32)}
+        try:
+            with self.lock:
+                chunks = check_action_chunks(
+                    self.policy.sample_actions(obs, self.instruction, k), k,
+                    self.policy.action_horizon)
+            return self.space.check(select_candidate(chunks[:, 0]))
+        except ValueError as exc:
+            self.get_logger().error(f'policy output dropped, no action sent: {exc}')
+            return None
+
+    def queue_steps(self, records, episode: int) -> None:
+        if not self.p['transitions.enabled'] or not records:
+            return
+        if self.outbox and self.outbox_episode != episode:
+            self.flush()
+        self.outbox += records
+        self.outbox_episode = episode
+        if len(self.outbox) >= self.p['transitions.batch_steps'] or records[-1].is_last:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.outbox:
+            return
+        payload = encode_steps(self.outbox, actor=self.actor_id, episode=self.outbox_episode,
+                               instruction=self.instruction, seq=self.seq,
+                               image_format=self.p['transitions.image_format'])
+        self.pub_transitions.publish(conv.bytes_to_uint8_multiarray(UInt8MultiArray, payload))
+        self.seq += 1
+        self.outbox = []
+
+    def _load_initial_checkpoint(self) -> None:
+        path = self.p['policy.checkpoint']
+        if not path:
+            return
+        from robot_rl.models.checkpoint import read_checkpoint
+        tensors, meta = read_checkpoint(path)
+        self.policy.load_weights({k: v.numpy() for k, v in tensors.items()}, path)
+        self.version = int(meta.get('version', 0))
+        self.gate = VersionGate(self.version)
+
+
+def main(args=None):
+    run(PolicyNode, args)
+
+
+if __name__ == '__main__':
+    main()
