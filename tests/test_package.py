@@ -59,7 +59,8 @@ def test_install_puts_the_ament_layout_in_place(tmp_path):
     source, prefix = tmp_path / 'src', tmp_path / 'prefix'
     subprocess.run(['git', 'clone', '-q', str(PROJECT_ROOT), str(source)], check=True, timeout=120)
     # --ignore-installed: leave the editable install of the running test venv alone.
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--ignore-installed',
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                    '--ignore-installed',
                     '--no-build-isolation', '--prefix', str(prefix), str(source)],
                    check=True, timeout=300, capture_output=True)
     share = prefix / 'share'

@@ -1,10 +1,10 @@
 """robot-rl-demo: the main job. Runs the scripted expert on every simulated WidowX task.
 
-    robot-rl-demo                          # 8 episodes per task, mixed-quality expert
+    robot-rl-demo                    # 8 episodes per task, mixed-quality expert
     robot-rl-demo expert=clean episodes_per_task=10 output_dir=outputs/demo_clean
 
-Prints success rates per task next to the chance that the expert draws no failure mode, and writes a
-captioned rollout video (MP4) and results.json to `output_dir`.
+Prints success rates per task next to the chance that the expert draws no failure mode, and
+writes a captioned rollout video (MP4) and results.json to `output_dir`.
 """
 
 from __future__ import annotations
