@@ -48,10 +48,16 @@ def _write_json(meta: Mapping[str, Any]) -> Callable[[str], None]:
 
 def save_checkpoint(path: PathLike, module: nn.Module, meta: Mapping[str, Any]) -> None:
     """Save `module`'s state dict to `path` (.safetensors) and `meta` to its JSON sidecar."""
+    save_tensors(path, module.state_dict(), meta)
+
+
+def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
+                 meta: Mapping[str, Any]) -> None:
+    """Save named tensors to `path` (.safetensors) and `meta` to its JSON sidecar."""
     path = Path(path)
     if path.suffix != '.safetensors':
         raise ValueError(f'checkpoint path must end in .safetensors, got {path}')
-    tensors = {k: v.detach().to('cpu').contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().to('cpu').contiguous() for k, v in tensors.items()}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}))
     _atomic_write(sidecar_path(path), _write_json({**meta, 'torch_version': torch.__version__}))
 
