@@ -1,7 +1,8 @@
 """Evaluate critics on held-out episodes; reloading a saved checkpoint proves the artifact.
 
     python -m robot_rl.rl.evaluate_critic RUN/checkpoints/last [OTHER/checkpoints/last ...]
-        [--data DIR ...] [--split val] [--max-episodes N] [--device cpu] [--json OUT]
+        [--data DIR ...] [--split val] [--labelling dataset|vgps] [--max-episodes N]
+        [--device cpu] [--samples K] [--json OUT]
 
 Every held-out transition (s, a_data) with Monte-Carlo return G is scored with Q = the minimum
 over the ensemble heads (what steering ranks by). Metrics:
@@ -165,25 +166,27 @@ def load_checkpoint(directory: Path, device: torch.device) -> LoadedCritic:
 
 
 def evaluate_checkpoint(directory: Path, data: Optional[Sequence[str]] = None,
-                        split: Optional[str] = None, max_episodes: Optional[int] = None,
-                        device: str = 'cpu', batch_size: int = 256,
+                        split: Optional[str] = None, labelling: Optional[str] = None,
+                        max_episodes: Optional[int] = None, device: str = 'cpu',
+                        batch_size: int = 256,
                         num_samples: Optional[int] = None) -> Dict[str, float]:
     """Reload a checkpoint and evaluate it on held-out episodes.
 
     Defaults reproduce the run's own evaluation: its sources' eval split read as in training,
-    its algo.num_samples actor samples per state and its seed. Returns summarise()'s metrics
-    plus num_episodes and the checkpoint's step.
+    its algo.num_samples actor samples per state and its seed. Other `data` directories are
+    read with `labelling` (default: that of the run's first source). Returns summarise()'s
+    metrics plus num_episodes (as stored, after labelling) and the checkpoint's step.
     """
     dev = learner.resolve_device(device)
     loaded = load_checkpoint(directory, dev)
     data_cfg = loaded.config['data']
-    paths = list(data) if data else [s['path'] for s in data_cfg['sources']]
-    labellings = [s['labelling'] for s in data_cfg['sources']]
+    sources = [(s['path'], s['labelling']) for s in data_cfg['sources']]
+    if data:
+        sources = [(path, labelling or sources[0][1]) for path in data]
     split = split or data_cfg['eval_split']
     episodes: List[Episode] = []
-    for i, path in enumerate(paths):
-        labelling = labellings[min(i, len(labellings) - 1)]
-        episodes += learner.read_source(path, split, labelling, data_cfg['image_size'],
+    for path, source_labelling in sources:
+        episodes += learner.read_source(path, split, source_labelling, data_cfg['image_size'],
                                         max_episodes)
     episodes = prepare_episodes(episodes, loaded.action_space, loaded.config['algo']['gamma'])
     embed = learner.make_embed(loaded.critic.config.lang_dim,
@@ -200,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help='checkpoint directories (RUN/checkpoints/last or best)')
     parser.add_argument('--data', nargs='*', help='dataset directories (default: training)')
     parser.add_argument('--split', help="held-out split (default: the run's eval_split)")
+    parser.add_argument('--labelling', choices=learner.LABELLINGS,
+                        help="rewards for --data (default: the run's first source's)")
     parser.add_argument('--max-episodes', type=int, help='per dataset directory')
     parser.add_argument('--device', default='cpu', help='cpu, cuda or auto')
     parser.add_argument('--samples', type=int,
@@ -209,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results = {}
     for directory in args.checkpoints:
         results[str(directory)] = evaluate_checkpoint(
-            directory, args.data, args.split, args.max_episodes, args.device,
+            directory, args.data, args.split, args.labelling, args.max_episodes, args.device,
             num_samples=args.samples)
     _print_table(results)
     if args.json:
