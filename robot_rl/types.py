@@ -185,3 +185,23 @@ class Episode:
         if not isinstance(self.language_instruction, str):
             raise ValueError('episode.language_instruction must be a str')
         return self
+
+
+def fit_image(image: np.ndarray, size: Any, what: str = 'the model') -> np.ndarray:
+    """An RGB uint8 image (H, W, 3) at `size` (height, width).
+
+    A frame of another size is resized only when its aspect ratio matches (a camera at another
+    resolution); any other shape is an error naming both sizes, never a silent distortion.
+    """
+    image = np.asarray(image)
+    height, width = int(size[0]), int(size[1])
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f'{what} expects an RGB uint8 image (H, W, 3), got {image.dtype} '
+                         f'{image.shape}')
+    if image.shape[:2] == (height, width):
+        return image
+    if abs(image.shape[0] * width - image.shape[1] * height) > max(height, width):
+        raise ValueError(f'{what} expects {height}x{width} images; got {image.shape[0]}x'
+                         f'{image.shape[1]}, whose aspect ratio differs (resize or crop it first)')
+    import cv2
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import uuid
 
 import numpy as np
+from omegaconf import OmegaConf
 import torch
 from torch import distributed as dist
 from torch.nn import functional as F
@@ -379,14 +380,19 @@ def _training_state(algo: CalQL) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any
     groups = {}
     for name in _OPTIMIZERS:
         optimizer = getattr(algo, name)
-        if optimizer is None:
-            continue
-        state = optimizer.state_dict()
-        for index, values in state['state'].items():
-            for key, value in values.items():
-                tensors[f'{name}.{index}.{key}'] = torch.as_tensor(value).reshape(-1)
-        groups[name] = state['param_groups']
+        if optimizer is not None:
+            groups[name] = flatten_optimizer(name, optimizer, tensors)
     return tensors, groups
+
+
+def flatten_optimizer(name: str, optimizer: torch.optim.Optimizer,
+                      tensors: Dict[str, torch.Tensor]) -> List[Dict]:
+    """Add the optimiser's state to `tensors` as '<name>.<index>.<key>'; return its groups."""
+    state = optimizer.state_dict()
+    for index, values in state['state'].items():
+        for key, value in values.items():
+            tensors[f'{name}.{index}.{key}'] = torch.as_tensor(value).reshape(-1)
+    return state['param_groups']
 
 
 def load_training_checkpoint(directory: Path, algo: CalQL) -> Dict[str, Any]:
@@ -410,13 +416,13 @@ def load_training_checkpoint(directory: Path, algo: CalQL) -> Dict[str, Any]:
         for name in _TEMPERATURES:
             getattr(algo, name).copy_(tensors[name].reshape(()))
     for name, groups in meta['optimizers'].items():
-        _load_optimizer(getattr(algo, name), name, groups, tensors)
+        load_optimizer(getattr(algo, name), name, groups, tensors)
     return meta['extra']
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, name: str, groups: List[Dict],
-                    tensors: Mapping[str, torch.Tensor]) -> None:
-    """Rebuild an optimiser state dict from flattened tensors and load it."""
+def load_optimizer(optimizer: torch.optim.Optimizer, name: str, groups: List[Dict],
+                   tensors: Mapping[str, torch.Tensor]) -> None:
+    """Rebuild an optimiser state dict from `flatten_optimizer` tensors and load it."""
     shapes = {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups
                                                for p in g['params'])}
     state: Dict[int, Dict[str, torch.Tensor]] = {}
@@ -450,6 +456,47 @@ def prune_checkpoints(root: Path, aliases: Sequence[str]) -> None:
                 path.unlink()
         elif path.name.startswith(('step_', '.step_')) and path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic task runs after `done` updates (always after the last)."""
+    return done % every == 0 or done == total
+
+
+class Logger:
+    """TensorBoard on rank 0 (no-op elsewhere): scalars, the config once, figures."""
+
+    def __init__(self, directory: Path, world: World):
+        self.writer = None
+        if world.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(directory))
+
+    def scalars(self, metrics: Dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(name, value, step)
+
+    def config(self, cfg: Any, directory: Path, step: int) -> None:
+        """Write the resolved config as config.yaml (fresh runs) and as TensorBoard text."""
+        if self.writer is None:
+            return
+        text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        if step == 0:
+            (directory / 'config.yaml').write_text(text)
+        self.writer.add_text('config', f'```yaml\n{text}```', step)
+
+    def figure(self, name: str, figure, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_figure(name, figure, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ----------------------------------------------------------------------------- ranks

@@ -30,7 +30,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 import torch
 from tqdm import tqdm
 
@@ -330,39 +330,6 @@ def q_vs_mc_figure(scores: evaluate_critic.Scores, step: int, max_points: int = 
     return figure
 
 
-class Logger:
-    """TensorBoard on rank 0 (no-op elsewhere): scalars, the config once, figures."""
-
-    def __init__(self, directory: Path, world: learner.World):
-        self.writer = None
-        if world.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(directory))
-
-    def scalars(self, metrics: Dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if math.isfinite(value):
-                    self.writer.add_scalar(name, value, step)
-
-    def config(self, cfg: TrainCriticConfig, directory: Path, step: int) -> None:
-        """Write the resolved config as config.yaml (fresh runs) and as TensorBoard text."""
-        if self.writer is None:
-            return
-        text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-        if step == 0:
-            (directory / 'config.yaml').write_text(text)
-        self.writer.add_text('config', f'```yaml\n{text}```', step)
-
-    def figure(self, name: str, figure, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_figure(name, figure, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 class TrainResult(NamedTuple):
     algo: CalQL
     step: int                      # updates done
@@ -398,7 +365,7 @@ def train(cfg: TrainCriticConfig, world: learner.World, run: Run, data: TrainDat
     """The training loop, from run.start_step to cfg.steps."""
     if world.is_main:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run.directory, world)
+    logger = learner.Logger(run.directory, world)
     logger.config(cfg, run.directory, run.start_step)
     augment = None
     if cfg.augment.enabled:
@@ -420,28 +387,24 @@ def train(cfg: TrainCriticConfig, world: learner.World, run: Run, data: TrainDat
                 raise FloatingPointError(f'{err}. Stopped; {saver.describe_last()}') from None
             busy += time.perf_counter() - tick
             done = step + 1
-            if _due(done, cfg.log_every, cfg.steps):
+            if learner.due(done, cfg.log_every, cfg.steps):
                 logger.scalars(_window_means(window, len(window) / busy), done)
                 progress.set_postfix(loss_td=f'{window[-1].loss_td:.3g}',
                                      q=f'{window[-1].q_data:.3g}')
                 window, busy = [], 0.0
-            if world.is_main and data.eval_episodes and _due(done, cfg.eval_every, cfg.steps):
+            evaluate_now = learner.due(done, cfg.eval_every, cfg.steps)
+            if world.is_main and data.eval_episodes and evaluate_now:
                 metrics, scores = evaluate(algo, data.eval_episodes, embed, cfg, world.device)
                 logger.scalars(metrics, done)
                 logger.figure('charts/q_vs_mc', q_vs_mc_figure(scores, done), done)
                 saver.offer_best(metrics, done)
-            if _due(done, cfg.checkpoint_every, cfg.steps):
+            if learner.due(done, cfg.checkpoint_every, cfg.steps):
                 saver.save_last(done, metrics)
     finally:
         progress.close()
         logger.close()
     return TrainResult(algo, max(cfg.steps, run.start_step), run.directory, metrics,
                        data.action_space)
-
-
-def _due(done: int, every: int, total: int) -> bool:
-    """Whether a periodic task runs after `done` updates (always after the last)."""
-    return done % every == 0 or done == total
 
 
 def _window_means(window: List[CalQLStats], steps_per_second: float) -> Dict[str, float]:

@@ -1,0 +1,139 @@
+"""V-GPS: value-guided policy steering (Nakamoto et al., 2024), top to bottom.
+
+Every control step:
+1. ask the policy once for K action chunks (it encodes the observation once);
+2. drop candidates that are malformed or non-finite (warning); none left -> hold, log an error;
+3. encode the latest frame with the critic ONCE and score the first action of every chunk,
+   min over the ensemble heads;
+4. select: argmax (temperature 0), a sample of softmax(Q / temperature), or uniformly at
+   random (the 'random' re-ranking control, same K and sampling, no critic);
+5. execute through the temporal ensembler and the sticky gripper, clipped to the robot's limits.
+
+The policy's weights are never touched; K = 1 is the base policy with the same execution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from robot_rl.models.critic import Critic
+from robot_rl.steering.execution import ChunkExecutor
+from robot_rl.types import ACTION_DIM, ActionSpace, fit_image, IMAGE_KEY, Observation
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = ('value', 'random')
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What the last `act` did (for logs, videos and tests)."""
+    candidates: int = 0          # usable chunks out of num_samples
+    chosen: int = -1             # index among the usable chunks (-1: held)
+    q: Optional[np.ndarray] = None  # (candidates,) min-over-heads Q, when a critic scored them
+
+
+class ValueGuidedSteering:
+    """Wrap any Policy: sample K chunks, score them with a Cal-QL critic, execute the best.
+
+    critic_action_space: the normaliser saved with the critic (candidates are scored in its
+    units). bounds: the robot's action limits (default: the WidowX's). image_size: the critic's
+    input side; frames of the same aspect ratio are resized to it (None: as they come).
+    """
+
+    def __init__(self, policy, critic: Optional[Critic],
+                 critic_action_space: Optional[ActionSpace], num_samples: int = 10,
+                 temperature: float = 0.0, selection: str = 'value', embed=None,
+                 image_size: Optional[int] = None, bounds: Optional[ActionSpace] = None,
+                 seed: int = 0, device: str = 'cpu'):
+        if num_samples < 1:
+            raise ValueError(f'num_samples must be >= 1, got {num_samples}')
+        if temperature < 0:
+            raise ValueError(f'temperature must be >= 0, got {temperature}')
+        if selection not in SELECTIONS:
+            raise ValueError(f'selection must be one of {SELECTIONS}, got {selection!r}')
+        if selection == 'value' and num_samples > 1 and (critic is None or embed is None
+                                                         or critic_action_space is None):
+            raise ValueError("selection 'value' with num_samples > 1 needs a critic, its "
+                             'action space and a language embedding function')
+        self.policy = policy
+        self.critic = critic.eval() if critic is not None else None
+        self.critic_space = critic_action_space
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.selection = selection
+        self.embed = embed
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.rng = np.random.default_rng(seed)
+        self.executor = ChunkExecutor(policy.action_horizon, bounds or ActionSpace.bridge())
+        self.last = StepInfo()
+
+    def reset(self, seed: Optional[int] = None) -> None:
+        self.policy.reset()
+        self.executor.reset()
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+
+    def act(self, obs: Observation, instruction: str) -> np.ndarray:
+        """One control step: the action (7,) to execute, in environment units."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f'instruction must be a non-empty string, got {instruction!r}')
+        chunks = self.usable(self.policy.sample_actions(obs, instruction, self.num_samples))
+        if len(chunks) == 0:
+            logger.error('no usable action candidates out of %d: holding still', self.num_samples)
+            self.last = StepInfo()
+            return self.executor.hold()
+        q = None
+        if self.selection == 'random' or len(chunks) == 1:
+            chosen = int(self.rng.integers(len(chunks)))
+        else:
+            q = self.score(obs, instruction, chunks[:, 0])
+            chosen = self.select(q)
+        self.last = StepInfo(len(chunks), chosen, q)
+        return self.executor(chunks[chosen])
+
+    def usable(self, chunks) -> np.ndarray:
+        """The well-formed, finite candidates (n, H, 7); the rest are dropped with a warning."""
+        expected = (self.policy.action_horizon, ACTION_DIM)
+        try:
+            chunks = np.asarray(chunks, np.float32)
+        except (TypeError, ValueError):
+            logger.warning('policy returned candidates that are not an array: dropped')
+            return np.zeros((0, *expected), np.float32)
+        if chunks.ndim != 3 or chunks.shape[1:] != expected:
+            logger.warning('policy returned candidates of shape %s, expected (K, %d, %d): dropped',
+                           chunks.shape, *expected)
+            return np.zeros((0, *expected), np.float32)
+        finite = np.isfinite(chunks).all(axis=(1, 2))
+        if not finite.all():
+            logger.warning('dropped %d of %d candidates with non-finite values',
+                           int((~finite).sum()), len(chunks))
+        return chunks[finite]
+
+    @torch.no_grad()
+    def score(self, obs: Observation, instruction: str, actions: np.ndarray) -> np.ndarray:
+        """Q (K,) of K first actions (K, 7): one image encoding, min over the heads."""
+        image = obs[IMAGE_KEY]
+        if self.image_size is not None:
+            image = fit_image(image, (self.image_size, self.image_size), what='the critic')
+        images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
+        lang = self.embed([instruction])
+        normalised = np.clip(self.critic_space.normalise(actions), -1.0, 1.0)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == 'cuda'):
+            z = self.critic.encode(images, lang)
+            q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[None])  # (E, 1, K)
+        return q.float().min(dim=0).values[0].cpu().numpy()
+
+    def select(self, q: np.ndarray) -> int:
+        """argmax at temperature 0, else a draw from softmax(Q / temperature)."""
+        if self.temperature == 0:
+            return int(np.argmax(q))
+        logits = (q - q.max()) / self.temperature
+        p = np.exp(logits)
+        return int(self.rng.choice(len(q), p=p / p.sum()))
