@@ -1,4 +1,4 @@
-"""What the trainable policy classes share: the observation encoder, batches, sampling, checkpoints.
+"""What the trainable policy classes share: observation encoder, batches, sampling, checkpoints.
 
 A `ChunkPolicy` is image + language conditioned and predicts chunks of H actions in normalised
 units ([-1, 1] through the ActionSpace it carries). Subclasses supply only the head:
@@ -75,7 +75,7 @@ class ChunkPolicy(nn.Module):
         self.encoder_config = EncoderConfig(**dict(encoder or {}))
         self.language_model = language_model
         e = self.encoder_config
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # subclasses build their heads next, from the same seed
         self.encoder = ResNetEncoder(e.depth, e.width, e.coord_channels, e.lang_dim)
         self.feature_dim = self.encoder.feature_dim
         self.generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
@@ -87,7 +87,8 @@ class ChunkPolicy(nn.Module):
         """Constructor keyword arguments of the head (saved in checkpoints)."""
         return {}
 
-    def head_loss(self, z: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, z: torch.Tensor, actions: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def head_sample(self, z: torch.Tensor, num_samples: int) -> torch.Tensor:

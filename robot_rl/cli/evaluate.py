@@ -1,8 +1,9 @@
 """robot-rl-eval: success rates of a policy with and without V-GPS steering, in simulation.
 
-    robot-rl-eval policy=RUN/checkpoints/best/policy.safetensors critic=CRITIC_RUN/checkpoints/best
-    robot-rl-eval policy=... critic=... episodes_per_task=100 num_samples=[5,10,30,50]
-    robot-rl-eval policy=... critic=null num_samples=[]        # the base policy alone
+    robot-rl-eval policy_path=RUN/checkpoints/best/policy.safetensors \
+        critic_path=CRITIC_RUN/checkpoints/best
+    robot-rl-eval policy_path=... critic_path=... episodes_per_task=100 num_samples=[5,10,30,50]
+    robot-rl-eval policy_path=... num_samples=[]   # the base policy alone
 
 Arms: 'base' (K = 1, no critic), 'vgps K=k' for every k in num_samples, and 'random K=r', the
 control that re-ranks r samples uniformly. Every arm runs the same episodes: episode i of a
@@ -35,9 +36,9 @@ from robot_rl.viz import caption, write_video
 
 @dataclasses.dataclass
 class EvalConfig:
-    policy: str = MISSING
+    policy_path: str = MISSING
     """Policy checkpoint (.safetensors from robot-rl-train-bc)."""
-    critic: Optional[str] = None
+    critic_path: Optional[str] = None
     """Critic: a robot-rl-train-critic checkpoint directory (its target critic is used, as in
     V-GPS) or a critic .safetensors file; null runs the base and random arms only."""
     tasks: List[str] = dataclasses.field(default_factory=lambda: list(TASKS))
@@ -66,7 +67,7 @@ class EvalConfig:
             (self.random_num_samples is None or self.random_num_samples >= 1,
              'random_num_samples >= 1 or null'),
             (self.temperature >= 0, 'temperature >= 0'),
-            (self.critic is not None or not self.num_samples,
+            (self.critic_path is not None or not self.num_samples,
              'a critic for the steered arms (or num_samples=[])')) if not ok]
         if problems:
             raise ValueError('invalid eval config: need ' + '; '.join(problems))
@@ -102,10 +103,10 @@ def load_models(cfg: EvalConfig):
     from robot_rl.rl import learner
 
     device = learner.resolve_device(cfg.device)
-    policy = load_policy(cfg.policy, device=device, seed=cfg.seed)
-    if cfg.critic is None:
+    policy = load_policy(cfg.policy_path, device=device, seed=cfg.seed)
+    if cfg.critic_path is None:
         return policy, None, None, None, device
-    path = Path(cfg.critic)
+    path = Path(cfg.critic_path)
     if path.is_dir():
         path = path / learner.TARGET_FILE
     loaded = load_critic(path, device)

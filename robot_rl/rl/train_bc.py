@@ -273,7 +273,7 @@ def train(cfg: TrainBCConfig, run: Run, data: TrainData, policy: ChunkPolicy,
                          if cfg.grad_clip else torch.tensor(math.nan))
             optimizer.step()
             busy += time.perf_counter() - tick
-            window.append((float(loss), float(grad_norm)))
+            window.append((loss.item(), grad_norm.item()))
             done = step + 1
             if learner.due(done, cfg.log_every, cfg.steps):
                 losses, norms = np.mean(window, axis=0)
