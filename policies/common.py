@@ -154,7 +154,7 @@ class ChunkPolicy(nn.Module):
             self.train(was_training)
         return self.action_space.unnormalise(norm.float().cpu().numpy()).astype(np.float32)
 
-    # -- checkpoints -------------------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------
 
     def config_dict(self) -> Dict[str, Any]:
         return {'horizon': self.action_horizon, 'encoder': dataclasses.asdict(self.encoder_config),

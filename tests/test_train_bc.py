@@ -152,8 +152,9 @@ def test_eval_runs_every_arm_on_the_same_episodes(bc_run, tmp_path):
     out = tmp_path / 'eval'
     result = subprocess.run(
         [str(BIN / 'robot-rl-eval'), f'policy_path={policy_path}',
-         f'critic_path={critic_path}', 'tasks=[carrot_on_plate]', 'episodes_per_task=2', 'num_samples=[3]',
-         'random_num_samples=3', 'device=cpu', f'output_dir={out}', 'video_size=96'],
+         f'critic_path={critic_path}', 'tasks=[carrot_on_plate]', 'episodes_per_task=2',
+         'num_samples=[3]', 'random_num_samples=3', 'device=cpu', f'output_dir={out}',
+         'video_size=96'],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((out / 'results.json').read_text())
