@@ -156,6 +156,11 @@ class ChunkPolicy(nn.Module):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def load_weights(self, tensors: Mapping[str, np.ndarray], source: str) -> None:
+        """Copy streamed numpy tensors in (a learner's update); ValueError names a mismatch."""
+        checkpoint.load_tensors_into(self, {k: torch.from_numpy(np.array(v))
+                                            for k, v in tensors.items()}, source)
+
     def config_dict(self) -> Dict[str, Any]:
         return {'horizon': self.action_horizon, 'encoder': dataclasses.asdict(self.encoder_config),
                 'language_model': self.language_model, **self.head_config()}

@@ -187,3 +187,34 @@ def test_recorder_outputs_read_back(graph):
         msg = reader.deserialize(raw, image_conn.msgtype)
     assert topics['/action'] > 0 and topics['/events'] > 0 and topics['/camera/image_raw'] > 0
     assert msg.encoding == 'rgb8' and msg.height == 64
+
+
+def test_policy_node_steers_a_trained_policy_with_a_critic(tmp_path):
+    """policy.checkpoint from robot-rl-train-bc (diffusion) + a critic: V-GPS in the node."""
+    import torch
+
+    from policies.common import save_policy
+    from policies.diffusion import DiffusionPolicy
+    from robot_rl.models.critic import Critic, CriticConfig, save_critic
+    from robot_rl.types import ActionSpace
+
+    space = ActionSpace.bridge()
+    torch.manual_seed(0)
+    save_policy(tmp_path / 'policy.safetensors',
+                DiffusionPolicy(space, encoder={'width': 8}, hidden=32, blocks=1))
+    save_critic(tmp_path / 'critic.safetensors',
+                Critic(CriticConfig(encoder_depth=10, encoder_width=8, hidden_dims=(32,))), space)
+    g = Graph(tmp_path)
+    try:
+        g.start('sim', 'sim', {'task': 'carrot_on_plate', 'image_size': 64,
+                               'max_episode_steps': EPISODE_STEPS})
+        policy = g.start('policy', 'policy', {
+            'policy.checkpoint': str(tmp_path / 'policy.safetensors'),
+            'steering.critic_checkpoint': str(tmp_path / 'critic.safetensors'),
+            'steering.num_samples': 8, 'transitions.enabled': False})
+        g.wait(lambda: len(g.actions) >= 10, 120, 'ten steered actions')
+        assert 'V-GPS steering: K=8' in policy.log()
+        for _, a in g.actions:
+            assert space.check(a) is not None and a[6] in (0.0, 1.0)  # sticky gripper: binary
+    finally:
+        g.close()

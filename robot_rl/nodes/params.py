@@ -52,10 +52,13 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
           '= the policy\'s own initialisation.', read_only=True),
         _RATE,
         P('device', 'cpu', 'Torch device for inference (cpu, cuda, auto).', read_only=True),
-        P('steering.num_samples', 1, 'Candidate actions sampled per step (K); K > 1 picks '
-          'among them with the critic when steering.critic_checkpoint is set.', 1, 256),
-        P('steering.critic_checkpoint', '', 'Critic checkpoint for value-guided selection; '
-          'empty = no steering (first sample).', read_only=True),
+        P('steering.num_samples', 1, 'Candidate action chunks sampled per step (K); with a '
+          'critic the best-scoring one runs (V-GPS), without one a random one.', 1, 256),
+        P('steering.critic_checkpoint', '', 'Critic for V-GPS: a robot-rl-train-critic '
+          'checkpoint directory (its target critic) or a critic .safetensors; empty = none.',
+          read_only=True),
+        P('steering.temperature', 0.0, 'Selection temperature: 0 = argmax of Q, > 0 = sample '
+          'softmax(Q / temperature).', 0.0, 100.0),
         P('actor_id', '', 'Name of this actor in transition batches (empty = node name + '
           'process id).', read_only=True),
         P('transitions.enabled', True, 'Publish transitions for the learner.'),

@@ -14,8 +14,11 @@ Publishes:
     policy/version     std_msgs/Int64, the weight version in use (LATCHED_QOS)
 Inference runs in a timer in its own MutuallyExclusiveCallbackGroup (MultiThreadedExecutor),
 only on a frame newer than the last one acted on.
-Steering: steering.num_samples = K candidates per step; the selection seam is
-`select_candidate` (first sample until the V-GPS steering issue lands a critic scorer).
+Steering (robot_rl.steering.ValueGuidedSteering): steering.num_samples = K chunks per step,
+scored by the critic in steering.critic_checkpoint (V-GPS); without a critic one of the K is
+taken at random, which is the policy's own distribution. Chosen chunks go through the temporal
+ensembler and sticky gripper; candidates that are malformed are dropped, and with none left the
+node sends a hold action (zero motion, gripper unchanged) instead of failing the control loop.
 """
 
 from __future__ import annotations
@@ -31,24 +34,17 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray, Int64, String, UInt8MultiArray
 
-from policies.base import check_action_chunks
+from policies.common import CHECKPOINT_FORMAT as POLICY_FORMAT, load_policy
 from policies.scripted import make_policy
 from robot_rl.nodes import conversions as conv
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
                                        policy_spec, reject_changes, run, SENSOR_QOS)
 from robot_rl.transport import (ActorTracker, decode_weights, encode_steps, EnvelopeError,
                                 parse_event, VersionGate)
+from robot_rl.models.checkpoint import read_checkpoint
+from robot_rl.rl.learner import resolve_device
+from robot_rl.steering import ValueGuidedSteering
 from robot_rl.types import ActionSpace, IMAGE_KEY, STATE_DIM, STATE_KEY
-
-
-def select_candidate(candidates: np.ndarray, scores: Optional[np.ndarray] = None) -> np.ndarray:
-    """(K, 7) candidates -> one action: argmax of critic scores when given, else the first.
-
-    The V-GPS seam: a critic scorer (robot_rl.steering, separate issue) supplies `scores`.
-    """
-    if scores is None:
-        return candidates[0]
-    return candidates[int(np.argmax(scores))]
 
 
 class PolicyNode(Node):
@@ -57,15 +53,12 @@ class PolicyNode(Node):
         self.p = declare_all(self, 'policy')
         self.add_on_set_parameters_callback(reject_changes)
         self.policy_name, self.policy_kwargs = policy_spec(self.p)
-        self.policy = make_policy(self.policy_name, self.policy_kwargs)
         self.space = ActionSpace.bridge()
         self.lock = threading.Lock()
         self.gate = VersionGate(0)
         self.version = 0
-        self._load_initial_checkpoint()
-        if self.p['steering.critic_checkpoint']:
-            self.get_logger().warn('steering.critic_checkpoint is set but critic scoring is '
-                                   'not wired yet (V-GPS issue): using the first sample')
+        self.policy = self._load_policy()
+        self.steering = self._make_steering()
         self.actor_id = self.p['actor_id'] or f'{self.get_name()}-{os.getpid()}'
         self.instruction = self.p['default_instruction'].strip()
         self.latest_image: Optional[Image] = None
@@ -191,19 +184,17 @@ class PolicyNode(Node):
                 self.get_logger().error(f'image dropped: {exc}')
                 continue
             self.queue_steps(self.tracker.observe(image, event), event.episode)
-            self.policy.reset()
+            with self.lock:
+                self.steering.reset()
         if len(self.closed_stamps) > 64:
             self.closed_stamps = {s for s in self.closed_stamps if s in self.events}
 
     def act(self, image: np.ndarray, state: np.ndarray) -> Optional[np.ndarray]:
-        k = self.p['steering.num_samples']
         obs = {IMAGE_KEY: image, STATE_KEY: np.asarray(state, np.float32)}
         try:
             with self.lock:
-                chunks = check_action_chunks(
-                    self.policy.sample_actions(obs, self.instruction, k), k,
-                    self.policy.action_horizon)
-            return self.space.check(select_candidate(chunks[:, 0]))
+                self.steering.num_samples = self.p['steering.num_samples']
+                return self.space.check(self.steering.act(obs, self.instruction))
         except ValueError as exc:
             self.get_logger().error(f'policy output dropped, no action sent: {exc}')
             return None
@@ -228,15 +219,41 @@ class PolicyNode(Node):
         self.seq += 1
         self.outbox = []
 
-    def _load_initial_checkpoint(self) -> None:
+    def _load_policy(self):
+        """The configured policy: a trained checkpoint (robot-rl-train-bc) rebuilds its own
+        class; other weights files load into policy.name's module."""
         path = self.p['policy.checkpoint']
+        device = resolve_device(self.p['device'])
+        if path and read_checkpoint(path)[1].get('format') == POLICY_FORMAT:
+            policy = load_policy(path, device=device)
+            self.policy_name = policy.name
+            return policy
+        policy = make_policy(self.policy_name, self.policy_kwargs)
+        if path:
+            tensors, meta = read_checkpoint(path)
+            policy.load_weights({k: v.numpy() for k, v in tensors.items()}, path)
+            self.version = int(meta.get('version', 0))
+            self.gate = VersionGate(self.version)
+        return policy
+
+    def _make_steering(self) -> ValueGuidedSteering:
+        k = self.p['steering.num_samples']
+        path = self.p['steering.critic_checkpoint']
         if not path:
-            return
-        from robot_rl.models.checkpoint import read_checkpoint
-        tensors, meta = read_checkpoint(path)
-        self.policy.load_weights({k: v.numpy() for k, v in tensors.items()}, path)
-        self.version = int(meta.get('version', 0))
-        self.gate = VersionGate(self.version)
+            return ValueGuidedSteering(self.policy, None, None, num_samples=k,
+                                       selection='random', bounds=self.space)
+        from robot_rl.models.critic import load_critic
+        from robot_rl.rl.learner import make_embed, TARGET_FILE
+        device = resolve_device(self.p['device'])
+        file = os.path.join(path, TARGET_FILE) if os.path.isdir(path) else path
+        loaded = load_critic(file, device)
+        if loaded.action_space is None:
+            raise ValueError(f'{file}: the critic carries no action space')
+        embed = make_embed(loaded.critic.config.lang_dim, None, device)
+        self.get_logger().info(f'V-GPS steering: K={k}, critic {file}')
+        return ValueGuidedSteering(self.policy, loaded.critic, loaded.action_space,
+                                   num_samples=k, temperature=self.p['steering.temperature'],
+                                   embed=embed, bounds=self.space, device=str(device))
 
 
 def main(args=None):
