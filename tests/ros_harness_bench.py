@@ -1,5 +1,6 @@
 """Drivers of benchmarks/bench_ros.py (kept beside the test harness: rclpy is imported only in
-robot_rl/nodes/ and tests/). ROS 2 benchmarks on loopback (rclpy from the ros-jazzy wheels, Fast DDS):
+robot_rl/nodes/ and tests/). ROS 2 benchmarks on loopback (rclpy from the ros-jazzy wheels,
+Fast DDS):
 
 1. camera-to-action latency (p50/p99) through the policy node, steering K = 10, CPU;
 2. time to deliver a ~25M-parameter weight update to the policy node (publish -> in use);
@@ -85,7 +86,8 @@ def bench_latency(d, tmp, env, frames, rate_hz=5.0):
             latencies.append(got[-1] - sent)
     policy.stop()
     ms = np.array(latencies) * 1e3
-    return {'frames': len(ms), 'frames_without_action': lost, 'p50_ms': float(np.percentile(ms, 50)),
+    return {'frames': len(ms), 'frames_without_action': lost,
+            'p50_ms': float(np.percentile(ms, 50)),
             'p99_ms': float(np.percentile(ms, 99)), 'control_rate_hz': rate_hz}
 
 

@@ -18,10 +18,10 @@ def store(request):
 
 
 def header(store, ns=1_500_000_001, frame='camera'):
-    Time = store.types['builtin_interfaces/msg/Time']
-    Header = store.types['std_msgs/msg/Header']
+    time_type = store.types['builtin_interfaces/msg/Time']
+    header_type = store.types['std_msgs/msg/Header']
     sec, nanosec = conv.ns_to_stamp_fields(ns)
-    return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame)
+    return header_type(stamp=time_type(sec=sec, nanosec=nanosec), frame_id=frame)
 
 
 def cdr_round_trip(store, msg, typename):
@@ -38,13 +38,13 @@ def test_image_round_trip_through_cdr(store):
 
 
 def test_bgr_mono_and_padded_rows(store):
-    Image = store.types['sensor_msgs/msg/Image']
+    image_type = store.types['sensor_msgs/msg/Image']
     rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    bgr = Image(header=header(store), height=2, width=3, encoding='bgr8', is_bigendian=0,
-                step=12, data=np.pad(rgb[..., ::-1], ((0, 0), (0, 1), (0, 0))).reshape(-1))
+    bgr = image_type(header=header(store), height=2, width=3, encoding='bgr8', is_bigendian=0,
+                     step=12, data=np.pad(rgb[..., ::-1], ((0, 0), (0, 1), (0, 0))).reshape(-1))
     np.testing.assert_array_equal(conv.image_to_rgb(bgr), rgb)
-    mono = Image(header=header(store), height=1, width=2, encoding='mono8', is_bigendian=0,
-                 step=2, data=np.array([3, 9], np.uint8))
+    mono = image_type(header=header(store), height=1, width=2, encoding='mono8', is_bigendian=0,
+                      step=2, data=np.array([3, 9], np.uint8))
     assert conv.image_to_rgb(mono).tolist() == [[[3, 3, 3], [9, 9, 9]]]
 
 

@@ -39,7 +39,7 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
     'sim': [
         P('task', 'spoon_on_towel', 'Simulated task (robot_rl.envs.TASKS).', read_only=True),
         P('image_size', 128, 'Camera pixels per side.', 64, 256, read_only=True),
-        P('max_episode_steps', 0, 'Truncate episodes after this many steps (0 = the task\'s '
+        P('max_episode_steps', 0, "Truncate episodes after this many steps (0 = the task's "
           'own limit).', 0, 10000),
         P('seed', 0, 'Seed of the first episode; episode k uses seed + k.', 0, 2 ** 31 - 1),
         P('auto_reset', True, 'Start a new episode when one ends.'),
@@ -49,7 +49,7 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
     ],
     'policy': _HYDRA + _POLICY_MODEL + [
         P('policy.checkpoint', '', 'Initial weights (.safetensors with JSON sidecar); empty '
-          '= the policy\'s own initialisation.', read_only=True),
+          "= the policy's own initialisation.", read_only=True),
         _RATE,
         P('device', 'cpu', 'Torch device for inference (cpu, cuda, auto).', read_only=True),
         P('steering.num_samples', 1, 'Candidate action chunks sampled per step (K); with a '
