@@ -1,0 +1,174 @@
+"""PA-RL (Sobol Mark et al., 2024): policy-agnostic actor-critic, top to bottom.
+
+The policy-gradient step is replaced by supervised learning on optimised actions, so any policy
+class with `sample_actions`-style sampling and a `supervised_loss` can be improved:
+
+1. global optimisation: sample N actions per observation from the policy, score them with the
+   critic (mean over the ensemble), keep the top m;
+2. local optimisation: a few steps of gradient ascent on each kept action,
+   a <- clip(a + step_size * dQ/da), keeping the best value seen;
+3. pick the argmax (or sample softmax(Q / temperature));
+4. distil: one step of the policy's own `supervised_loss` on the optimised actions (when
+   distilling, the dataset action replaces the worst candidate first).
+
+The critic is Cal-QL (robot_rl.rl.calql) with `parl_sampler` as its policy sampler, so its TD
+target uses Q(s', optimised action). Actions are optimised in the critic's normalised units and
+converted to the policy's units to distil: the two checkpoints may carry different normalisers.
+Chunk policies (H > 1): the critic scores and optimises the chunk's first action, and the
+distillation target is the chosen chunk with its first action replaced (the later steps masked
+out: only the first was improved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+from policies.common import ChunkPolicy, PolicyBatch
+from robot_rl.models.critic import Critic
+from robot_rl.rl.calql import PolicyInput, PolicySampler, Samples
+from robot_rl.types import ActionSpace
+
+
+@dataclasses.dataclass
+class PARLConfig:
+    num_samples: int = 32
+    """N: actions sampled from the policy per observation (global step)."""
+    top_m: int = 10
+    """m: candidates kept for gradient ascent."""
+    gradient_steps: int = 10
+    step_size: float = 3e-4
+    """Gradient-ascent step on normalised actions (the published 3e-4)."""
+    temperature: float = 0.0
+    """0: the argmax of Q; > 0: sample softmax(Q / temperature)."""
+
+    def __post_init__(self):
+        if not 1 <= self.top_m <= self.num_samples:
+            raise ValueError(f'need 1 <= top_m <= num_samples, got {self.top_m} and '
+                             f'{self.num_samples}')
+        if self.gradient_steps < 0 or self.step_size < 0 or self.temperature < 0:
+            raise ValueError('gradient_steps, step_size and temperature must be >= 0')
+
+
+class Optimised(NamedTuple):
+    candidates: torch.Tensor  # (B, m, A) optimised actions, critic units, best first
+    values: torch.Tensor      # (B, m) their ensemble-mean Q
+    chosen: torch.Tensor      # (B,) index of the selected candidate
+
+
+class UnitMap:
+    """Affine map between two normalisers: policy units <-> critic units (torch, batched)."""
+
+    def __init__(self, policy_space: ActionSpace, critic_space: ActionSpace,
+                 device: torch.device):
+        def half_and_mid(space):
+            low, high = (torch.as_tensor(v, device=device) for v in (space.low, space.high))
+            return (high - low) / 2, (high + low) / 2
+        self.p_half, self.p_mid = half_and_mid(policy_space)
+        self.c_half, self.c_mid = half_and_mid(critic_space)
+
+    def to_critic(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x * self.p_half + self.p_mid - self.c_mid) / self.c_half).clamp(-1.0, 1.0)
+
+    def to_policy(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x * self.c_half + self.c_mid - self.p_mid) / self.p_half).clamp(-1.0, 1.0)
+
+
+def optimise_actions(critic: Critic, z: torch.Tensor, candidates: torch.Tensor,
+                     cfg: PARLConfig, data_actions: Optional[torch.Tensor] = None,
+                     generator: Optional[torch.Generator] = None) -> Optimised:
+    """Steps 1-3 for z (B, F) and N candidates (B, N, A) in the critic's units.
+
+    data_actions (B, A), when given, replaces the worst optimised candidate (distillation).
+    """
+    z = z.detach()
+    with torch.no_grad():  # 1. global: keep the top m by ensemble-mean Q
+        q = critic.q(z, candidates).mean(0)                              # (B, N)
+        top = q.topk(cfg.top_m, dim=1).indices
+        kept = torch.gather(candidates, 1, top[..., None].expand(-1, -1, candidates.shape[-1]))
+    best, best_q = kept.clone(), torch.gather(q, 1, top)
+    actions = kept.clone()
+    for _ in range(cfg.gradient_steps):  # 2. local: gradient ascent, keep the best seen
+        actions.requires_grad_(True)
+        value = critic.q(z, actions).mean(0)                             # (B, m)
+        grad, = torch.autograd.grad(value.sum(), actions)
+        with torch.no_grad():
+            better = value > best_q
+            best = torch.where(better[..., None], actions, best)
+            best_q = torch.where(better, value, best_q)
+            actions = (actions + cfg.step_size * grad).clamp(-1.0, 1.0)
+    with torch.no_grad():
+        final = critic.q(z, actions).mean(0)
+        better = final > best_q
+        best = torch.where(better[..., None], actions, best)
+        best_q = torch.where(better, final, best_q)
+        if data_actions is not None:
+            worst = best_q.argmin(dim=1)
+            rows = torch.arange(best.shape[0], device=best.device)
+            best[rows, worst] = data_actions.to(best.dtype)
+            best_q[rows, worst] = critic.q(z, data_actions[:, None].to(z.dtype)).mean(0)[:, 0]
+        order = best_q.argsort(dim=1, descending=True)
+        best = torch.gather(best, 1, order[..., None].expand_as(best))
+        best_q = torch.gather(best_q, 1, order)
+        if cfg.temperature == 0:  # 3. select
+            chosen = torch.zeros(best.shape[0], dtype=torch.long, device=best.device)
+        else:
+            probs = torch.softmax(best_q / cfg.temperature, dim=1)
+            chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return Optimised(best.detach(), best_q, chosen)
+
+
+def sample_first_actions(policy: ChunkPolicy, images: torch.Tensor, lang_emb: torch.Tensor,
+                         n: int, units: UnitMap) -> torch.Tensor:
+    """(B, n, H, 7) policy chunks for a batch of observations -> first actions, critic units."""
+    with torch.no_grad():
+        chunks = policy.head_sample(policy.encode(images, lang_emb), n).clamp(-1.0, 1.0)
+    return units.to_critic(chunks[:, :, 0])
+
+
+def parl_sampler(policy: ChunkPolicy, critic: Critic, units: UnitMap,
+                 cfg: PARLConfig) -> PolicySampler:
+    """Cal-QL's policy sampler for PA-RL: the n best optimised actions (log-probs unknown)."""
+    def sample(obs: PolicyInput, n: int) -> Samples:
+        candidates = sample_first_actions(policy, obs.images, obs.lang_emb, cfg.num_samples,
+                                          units)
+        with torch.enable_grad():
+            optimised = optimise_actions(critic, obs.z, candidates, cfg)
+        return optimised.candidates[:, :min(n, cfg.top_m)], None
+    return sample
+
+
+def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
+                       lang_emb: torch.Tensor, data_actions: torch.Tensor, units: UnitMap,
+                       cfg: PARLConfig, generator: Optional[torch.Generator] = None
+                       ) -> PolicyBatch:
+    """Step 4's targets: the chosen optimised action as the first step of a chunk.
+
+    data_actions (B, A) are in the critic's units (a replay batch's actions).
+    """
+    with torch.no_grad():
+        z = critic.encode(images, lang_emb)
+    candidates = sample_first_actions(policy, images, lang_emb, cfg.num_samples, units)
+    optimised = optimise_actions(critic, z, candidates, cfg, data_actions, generator)
+    rows = torch.arange(images.shape[0], device=images.device)
+    first = units.to_policy(optimised.candidates[rows, optimised.chosen])  # (B, A)
+    horizon = policy.action_horizon
+    chunks = first[:, None].expand(-1, horizon, -1).contiguous()
+    mask = torch.zeros(images.shape[0], horizon, device=images.device)
+    mask[:, 0] = 1.0
+    return PolicyBatch(images, lang_emb, chunks, mask)
+
+
+def distil(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, batch: PolicyBatch,
+           grad_clip: float = 1.0) -> float:
+    """One supervised step of the policy's own loss on optimised actions -> the loss."""
+    policy.train()
+    loss = policy.supervised_loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()

@@ -1,0 +1,151 @@
+"""PA-RL action optimisation and distillation (robot_rl/rl/parl.py), for every policy class."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import policies  # noqa: F401  (registers every policy class)
+from policies.base import POLICIES
+from robot_rl.models.critic import Critic, CriticConfig
+from robot_rl.rl import parl
+from robot_rl.rl.calql import CalQL, CalQLBatch, CalQLConfig
+from robot_rl.types import ActionSpace
+
+TARGET = torch.tensor([0.6, -0.4, 0.2, 0.0, 0.3, -0.2, 0.8])
+
+
+class QuadraticCritic(nn.Module):
+    """Q(s, a) = -|a - TARGET|^2 (two identical heads); a known optimum."""
+
+    def encode(self, images, lang):
+        return torch.zeros(images.shape[0], 1)
+
+    def q(self, z, actions):
+        q = -((actions - TARGET) ** 2).sum(-1)
+        return torch.stack([q, q])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_global_then_local_optimisation_never_loses_value():
+    critic = QuadraticCritic()
+    candidates = 2 * torch.rand(4, 32, 7, generator=torch.Generator().manual_seed(0)) - 1
+    q_all = critic.q(None, candidates).mean(0)
+    cfg = parl.PARLConfig(num_samples=32, top_m=5, gradient_steps=20, step_size=0.05)
+    out = parl.optimise_actions(critic, torch.zeros(4, 1), candidates, cfg)
+    assert out.candidates.shape == (4, 5, 7) and out.values.shape == (4, 5)
+    assert (out.candidates.abs() <= 1).all()
+    # Sorted best first, every kept value at least the best global sample's, and ascent helps.
+    assert (out.values[:, :-1] >= out.values[:, 1:]).all()
+    assert (out.values[:, 0] > q_all.max(1).values + 1e-3).all()
+    np.testing.assert_allclose(out.values, critic.q(None, out.candidates).mean(0), rtol=1e-5)
+    assert (out.chosen == 0).all()  # temperature 0: the argmax
+    no_ascent = parl.optimise_actions(critic, torch.zeros(4, 1), candidates,
+                                      parl.PARLConfig(32, 5, gradient_steps=0))
+    np.testing.assert_allclose(no_ascent.values, q_all.topk(5, dim=1).values, rtol=1e-6)
+
+
+def test_dataset_action_replaces_the_worst_candidate():
+    critic = QuadraticCritic()
+    candidates = 2 * torch.rand(3, 8, 7, generator=torch.Generator().manual_seed(1)) - 1
+    data = torch.full((3, 7), -1.0)  # far from the optimum: it becomes the worst, last
+    cfg = parl.PARLConfig(num_samples=8, top_m=4, gradient_steps=0)
+    out = parl.optimise_actions(critic, torch.zeros(3, 1), candidates, cfg, data_actions=data)
+    torch.testing.assert_close(out.candidates[:, -1], data)
+    best_without = parl.optimise_actions(critic, torch.zeros(3, 1), candidates, cfg)
+    torch.testing.assert_close(out.candidates[:, :3], best_without.candidates[:, :3])
+
+
+def test_softmax_selection_samples_by_value():
+    critic = QuadraticCritic()
+    candidates = 2 * torch.rand(2000, 4, 7, generator=torch.Generator().manual_seed(2)) - 1
+    cfg = parl.PARLConfig(num_samples=4, top_m=4, gradient_steps=0, temperature=1.0)
+    out = parl.optimise_actions(critic, torch.zeros(2000, 1), candidates, cfg,
+                                generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(out.values, dim=1)
+    expected = probs.mean(0)
+    frequency = torch.bincount(out.chosen, minlength=4).float() / 2000
+    torch.testing.assert_close(frequency, expected, atol=0.03, rtol=0)
+
+
+def test_unit_map_round_trips_between_normalisers():
+    policy_space = ActionSpace(low=-np.ones(7) * 0.05, high=np.ones(7) * 0.05)
+    critic_space = ActionSpace(low=-np.ones(7) * 0.1, high=np.ones(7) * 0.02)
+    units = parl.UnitMap(policy_space, critic_space, torch.device('cpu'))
+    x = torch.rand(5, 7) * 1.2 - 0.6
+    y = units.to_critic(x)
+    env = policy_space.unnormalise(x.numpy())
+    np.testing.assert_allclose(y.numpy(), np.clip(critic_space.normalise(env), -1, 1), atol=1e-5)
+    inside = (y.abs() < 1).all(dim=1)
+    torch.testing.assert_close(units.to_policy(y)[inside], x[inside], atol=1e-5, rtol=0)
+
+
+def tiny_policy(name):
+    heads = {'gaussian': dict(hidden_dims=(32,)), 'diffusion': dict(hidden=32, blocks=1),
+             'autoregressive': dict(d_model=32, layers=1, heads=2)}
+    return POLICIES[name](horizon=2, encoder=dict(depth=10, width=8, image_size=16, lang_dim=4),
+                          seed=0, **heads[name])
+
+
+@pytest.mark.parametrize('name', ['gaussian', 'diffusion', 'autoregressive'])
+def test_distillation_moves_every_policy_class_towards_the_critics_optimum(name):
+    """The same code improves each class: its samples' first actions approach the argmax."""
+    policy = tiny_policy(name)
+    critic = QuadraticCritic()
+    space = ActionSpace.bridge()
+    units = parl.UnitMap(space, space, torch.device('cpu'))
+    images = torch.randint(0, 255, (16, 16, 16, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    lang = torch.nn.functional.normalize(torch.ones(16, 4), dim=1)
+    data = 2 * torch.rand(16, 7, generator=torch.Generator().manual_seed(1)) - 1
+    cfg = parl.PARLConfig(num_samples=8, top_m=4, gradient_steps=5, step_size=0.05)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+
+    def distance():
+        first = parl.sample_first_actions(policy.eval(), images, lang, 8, units)
+        return (first - TARGET).norm(dim=-1).mean().item()
+
+    before = distance()
+    for _ in range(150):
+        batch = parl.distillation_batch(policy, critic, images, lang, data, units, cfg)
+        assert batch.actions.shape == (16, 2, 7) and batch.mask[:, 0].eq(1).all()
+        loss = parl.distil(policy, optimizer, batch)
+        assert np.isfinite(loss)
+    after = distance()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_calql_with_the_parl_sampler_backs_up_optimised_actions():
+    """One Cal-QL update whose policy samples (CQL term and TD target) are PA-RL's."""
+    torch.manual_seed(0)
+    critic = Critic(CriticConfig(encoder_depth=10, encoder_width=8, lang_dim=4,
+                                 hidden_dims=(16,)))
+    policy = tiny_policy('diffusion')
+    space = ActionSpace.bridge()
+    cfg = parl.PARLConfig(num_samples=6, top_m=3, gradient_steps=2)
+    calls = []
+    sampler = parl.parl_sampler(policy, critic, parl.UnitMap(space, space, torch.device('cpu')),
+                                cfg)
+
+    def counting(obs, n):
+        actions, log_prob = sampler(obs, n)
+        calls.append(actions.shape)
+        return actions, log_prob
+
+    algo = CalQL(critic, CalQLConfig(num_samples=3), sampler=counting)
+    b = 4
+    images = torch.randint(0, 255, (b, 16, 16, 3), dtype=torch.uint8)
+    batch = CalQLBatch(images=images, lang_emb=torch.ones(b, 4) / 2, actions=torch.zeros(b, 7),
+                       rewards=-torch.ones(b), next_images=images, dones=torch.zeros(b),
+                       mc_returns=-5 * torch.ones(b), states=torch.zeros(b, 7),
+                       next_states=torch.zeros(b, 7))
+    stats = algo.update(batch)
+    assert calls == [(b, 3, 7), (b, 3, 7)]  # at s (CQL term) and at s' (CQL term + TD target)
+    assert np.isfinite(stats.loss) and np.isfinite(stats.target_q)
