@@ -15,6 +15,7 @@ import logging
 from typing import Dict, Iterator, List
 
 from hydra.core.config_store import ConfigStore
+import numpy as np
 from tqdm import tqdm
 
 from robot_rl.cli.config import hydra_main
@@ -72,8 +73,10 @@ def split_seeds(cfg: GenDataConfig) -> Dict[str, range]:
     return splits
 
 
-def generate(cfg: GenDataConfig, seeds: range, progress: tqdm) -> Iterator[Episode]:
-    """Roll out every task's expert on `seeds`, yielding episodes with mc_returns filled."""
+def generate(cfg: GenDataConfig, seeds: range, progress: tqdm,
+             outcomes: Dict[str, List[bool]]) -> Iterator[Episode]:
+    """Roll out every task's expert on `seeds`, yielding episodes with mc_returns filled;
+    each episode's success is appended to outcomes[task]."""
     from robot_rl.data.returns import with_mc_returns
 
     for task in cfg.tasks:
@@ -85,6 +88,7 @@ def generate(cfg: GenDataConfig, seeds: range, progress: tqdm) -> Iterator[Episo
                 episode.metadata['gamma'] = cfg.gamma
                 progress.update(1)
                 progress.set_postfix(task=task, success=episode.success)
+                outcomes.setdefault(task, []).append(episode.success)
                 yield with_mc_returns(episode, cfg.gamma)
         finally:
             env.close()
@@ -97,8 +101,10 @@ def run(cfg: GenDataConfig):
     cfg.validate()
     seeds = split_seeds(cfg)
     total = len(cfg.tasks) * cfg.episodes_per_task
+    outcomes: Dict[str, List[bool]] = {}
     with tqdm(total=total, desc='episodes', unit='ep') as progress:
-        path = write_dataset({split: generate(cfg, s, progress) for split, s in seeds.items()},
+        path = write_dataset({split: generate(cfg, s, progress, outcomes)
+                              for split, s in seeds.items()},
                              cfg.output_dir, name=cfg.name, version=cfg.version,
                              image_format=cfg.image_format, overwrite=cfg.overwrite,
                              description='Simulated WidowX scripted-expert episodes '
@@ -106,7 +112,8 @@ def run(cfg: GenDataConfig):
     counts = ', '.join(f'{split}: {len(s) * len(cfg.tasks)} episodes'
                        for split, s in seeds.items())
     log.info('wrote %d episodes to %s', total, path)
-    print(f'Dataset: {path}  ({counts})')
+    rates = ', '.join(f'{task} {np.mean(v):.0%}' for task, v in outcomes.items())
+    print(f'Dataset: {path}  ({counts})\nExpert success: {rates}')
     return path
 
 
