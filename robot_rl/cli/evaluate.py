@@ -189,7 +189,7 @@ def plot_success_vs_k(results: Dict[str, Dict], tasks: List[str], path: Path) ->
                                         if a.startswith('vgps')]
     steered.sort(key=lambda kr: kr[0])
     ks = [k for k, _ in steered]
-    figure = Figure(figsize=(6, 4))
+    figure = Figure(figsize=(7.5, 4))
     axes = figure.add_subplot()
     for task in tasks:
         axes.plot(ks, [r['tasks'][task]['success_rate'] for _, r in steered], marker='o',
@@ -203,10 +203,13 @@ def plot_success_vs_k(results: Dict[str, Dict], tasks: List[str], path: Path) ->
         if arm.startswith('random'):
             axes.axhline(r['tasks']['mean']['success_rate'], color='tab:red', linestyle='--',
                          label=f'mean ({arm})')
+    top = max([r['tasks'][t]['success_rate'] for r in results.values() for t in tasks]
+              + highs)
     axes.set(xscale='log', xlabel='K (samples scored per step; 1 = base policy)',
-             ylabel='success rate', ylim=(0, 1), title='V-GPS steering in simulation')
+             ylabel='success rate', ylim=(0, min(1.0, max(0.1, 1.15 * top))),
+             title='V-GPS steering in simulation')
     axes.set_xticks(ks, [str(k) for k in ks])
-    axes.legend(fontsize=7, loc='lower right')
+    axes.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
