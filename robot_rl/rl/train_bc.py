@@ -40,7 +40,7 @@ from robot_rl.data.chunks import ChunkBatch, ChunkDataset
 from robot_rl.models import checkpoint
 from robot_rl.rl import learner
 from robot_rl.rl.train_critic import DataConfig
-from robot_rl.types import ActionSpace, Episode
+from robot_rl.types import ActionSpace
 
 POLICY_FILE, STATE_FILE = 'policy.safetensors', 'state.safetensors'
 STATE_FORMAT = 'robot_rl.bc_state/1'
@@ -148,10 +148,6 @@ def make_run(cfg: TrainBCConfig) -> Run:
 # ----------------------------------------------------------------------------- 3. data
 
 
-def is_success(episode: Episode) -> bool:
-    return bool(episode.is_terminal[-1])
-
-
 class TrainData(NamedTuple):
     datasets: List[ChunkDataset]      # one per source
     weights: np.ndarray               # their share of each batch
@@ -165,7 +161,7 @@ def make_data(cfg: TrainBCConfig, action_space: Optional[ActionSpace]) -> TrainD
     for s in d.sources:
         episodes = learner.read_source(s.path, s.split, 'dataset', d.image_size, d.max_episodes)
         if cfg.successes_only:
-            episodes = [e for e in episodes if is_success(e)]
+            episodes = [e for e in episodes if e.success]
         if not episodes:
             raise ValueError(f'{s.path} [{s.split}]: no episodes to clone'
                              + (' (successes_only=true)' if cfg.successes_only else ''))
