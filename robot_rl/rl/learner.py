@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from pathlib import Path
 import shutil
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import time
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple)
 import uuid
 
 import numpy as np
@@ -456,6 +459,46 @@ def prune_checkpoints(root: Path, aliases: Sequence[str]) -> None:
                 path.unlink()
         elif path.name.startswith(('step_', '.step_')) and path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+class Run(NamedTuple):
+    """Where a training run writes, and where it resumes from."""
+
+    directory: Path
+    checkpoints: Path
+    start_step: int                       # updates already done (0 for a fresh run)
+    action_space: Optional[ActionSpace]   # the resumed run's normaliser
+    best: float                           # best_metric so far (-inf for a fresh run)
+
+
+def make_run(output_dir: str, prefix: str, run_name: Optional[str], resume: bool,
+             sidecar: str) -> Run:
+    """A fresh run directory <output_dir>/<prefix><unix time> (or run_name), or the resumed
+    run's (run_name, else the newest <prefix>* with a `last` checkpoint) with the step, the
+    normaliser and the best metric read from `last/<sidecar>`'s JSON."""
+    root = Path(output_dir)
+    if not resume:
+        directory = root / (run_name or f'{prefix}{int(time.time())}')
+        if (directory / 'checkpoints').exists():
+            raise ValueError(f'{directory} already holds checkpoints: pass resume=true to '
+                             'continue it, or another run_name')
+        return Run(directory, directory / 'checkpoints', 0, None, -math.inf)
+    if run_name:
+        directory = root / run_name
+    else:
+        runs = sorted(p for p in root.glob(f'{prefix}*')
+                      if (p / 'checkpoints' / 'last').exists())
+        directory = runs[-1] if runs else root / f'{prefix}<time>'
+    last = directory / 'checkpoints' / 'last'
+    if not last.exists():
+        raise FileNotFoundError(f'resume=true but there is no checkpoint at {last}')
+    meta = json.loads((last / sidecar).with_suffix('.json').read_text())
+    extra = meta['extra']
+    return Run(directory, directory / 'checkpoints', int(extra['step']),
+               ActionSpace.from_dict(meta['action_space']), float(extra['best']))
 
 
 # ----------------------------------------------------------------------------- logging

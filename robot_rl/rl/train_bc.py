@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from pathlib import Path
@@ -113,36 +112,9 @@ class TrainBCConfig:
 # ----------------------------------------------------------------------------- 2. run
 
 
-class Run(NamedTuple):
-    directory: Path
-    checkpoints: Path
-    start_step: int
-    action_space: Optional[ActionSpace]
-    best: float
-
-
-def make_run(cfg: TrainBCConfig) -> Run:
-    root = Path(cfg.output_dir)
+def make_run(cfg: TrainBCConfig) -> learner.Run:
     prefix = f'{cfg.data.name}__{cfg.exp_name}__{cfg.policy.name}__{cfg.seed}__'
-    if not cfg.resume:
-        directory = root / (cfg.run_name or f'{prefix}{int(time.time())}')
-        if (directory / 'checkpoints').exists():
-            raise ValueError(f'{directory} already holds checkpoints: pass resume=true to '
-                             'continue it, or another run_name')
-        return Run(directory, directory / 'checkpoints', 0, None, -math.inf)
-    if cfg.run_name:
-        directory = root / cfg.run_name
-    else:
-        runs = sorted(p for p in root.glob(f'{prefix}*')
-                      if (p / 'checkpoints' / 'last').exists())
-        directory = runs[-1] if runs else root / f'{prefix}<time>'
-    last = directory / 'checkpoints' / 'last'
-    if not last.exists():
-        raise FileNotFoundError(f'resume=true but there is no checkpoint at {last}')
-    sidecar = json.loads((last / POLICY_FILE).with_suffix('.json').read_text())
-    extra = sidecar['extra']
-    return Run(directory, directory / 'checkpoints', int(extra['step']),
-               ActionSpace.from_dict(sidecar['action_space']), float(extra['best']))
+    return learner.make_run(cfg.output_dir, prefix, cfg.run_name, cfg.resume, POLICY_FILE)
 
 
 # ----------------------------------------------------------------------------- 3. data
@@ -236,7 +208,7 @@ def main(cfg: TrainBCConfig) -> TrainResult:
     return train(cfg, run, data, policy, optimizer, rng)
 
 
-def train(cfg: TrainBCConfig, run: Run, data: TrainData, policy: ChunkPolicy,
+def train(cfg: TrainBCConfig, run: learner.Run, data: TrainData, policy: ChunkPolicy,
           optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> TrainResult:
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     world = learner.World(0, 1, policy.device)
@@ -313,7 +285,7 @@ def evaluate(policy: ChunkPolicy, eval_set: ChunkDataset, cfg: TrainBCConfig) ->
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def publish(run: Run, policy: ChunkPolicy, optimizer: torch.optim.Optimizer, step: int,
+def publish(run: learner.Run, policy: ChunkPolicy, optimizer: torch.optim.Optimizer, step: int,
             best: float, metrics: Dict[str, float], cfg: TrainBCConfig, alias: str) -> None:
     """Write checkpoints/step_<n>/ (policy + optimiser state) once, point `alias` at it."""
     directory = run.checkpoints / f'step_{step:09d}'

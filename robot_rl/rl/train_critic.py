@@ -173,39 +173,10 @@ def _source_problems(source: SourceConfig, data: DataConfig) -> List[str]:
 # ----------------------------------------------------------------------------- 2. run
 
 
-class Run(NamedTuple):
-    """Where this run writes, and where it resumes from."""
-
-    directory: Path
-    checkpoints: Path
-    start_step: int                       # updates already done (0 for a fresh run)
-    action_space: Optional[ActionSpace]   # the resumed run's normaliser
-    best: float                           # best_metric so far (-inf for a fresh run)
-
-
-def make_run(cfg: TrainCriticConfig) -> Run:
+def make_run(cfg: TrainCriticConfig) -> learner.Run:
     """The run directory: a fresh one, or the resumed run's with its step and normaliser."""
-    root = Path(cfg.output_dir)
-    prefix = f'{cfg.data.name}__{cfg.exp_name}__{cfg.seed}__'
-    if not cfg.resume:
-        directory = root / (cfg.run_name or f'{prefix}{int(time.time())}')
-        if (directory / 'checkpoints').exists():
-            raise ValueError(f'{directory} already holds checkpoints: pass resume=true to '
-                             'continue it, or another run_name')
-        return Run(directory, directory / 'checkpoints', 0, None, -math.inf)
-    if cfg.run_name:
-        directory = root / cfg.run_name
-    else:
-        runs = sorted(p for p in root.glob(f'{prefix}*')
-                      if (p / 'checkpoints' / 'last').exists())
-        directory = runs[-1] if runs else root / f'{prefix}<time>'
-    last = directory / 'checkpoints' / 'last'
-    if not last.exists():
-        raise FileNotFoundError(f'resume=true but there is no checkpoint at {last}')
-    sidecar = json.loads((last / learner.CRITIC_FILE).with_suffix('.json').read_text())
-    extra = sidecar['extra']
-    return Run(directory, directory / 'checkpoints', int(extra['step']),
-               ActionSpace.from_dict(sidecar['action_space']), float(extra['best']))
+    return learner.make_run(cfg.output_dir, f'{cfg.data.name}__{cfg.exp_name}__{cfg.seed}__',
+                            cfg.run_name, cfg.resume, learner.CRITIC_FILE)
 
 
 def seed_everything(cfg: TrainCriticConfig, world: learner.World, start_step: int,
@@ -359,7 +330,7 @@ def main(cfg: TrainCriticConfig) -> TrainResult:
         learner.close_world(world)
 
 
-def train(cfg: TrainCriticConfig, world: learner.World, run: Run, data: TrainData,
+def train(cfg: TrainCriticConfig, world: learner.World, run: learner.Run, data: TrainData,
           algo: CalQL, embed: learner.Embed, rng: np.random.Generator,
           generator: torch.Generator) -> TrainResult:
     """The training loop, from run.start_step to cfg.steps."""
@@ -419,7 +390,7 @@ def _window_means(window: List[CalQLStats], steps_per_second: float) -> Dict[str
 class Checkpointer:
     """Rank 0 writes step directories under checkpoints/ and moves `last` / `best` to them."""
 
-    def __init__(self, cfg: TrainCriticConfig, run: Run, algo: CalQL,
+    def __init__(self, cfg: TrainCriticConfig, run: learner.Run, algo: CalQL,
                  action_space: ActionSpace, world: learner.World):
         self.cfg, self.run, self.algo, self.space = cfg, run, algo, action_space
         self.enabled = world.is_main
