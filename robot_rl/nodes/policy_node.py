@@ -36,14 +36,14 @@ from std_msgs.msg import Float32MultiArray, Int64, String, UInt8MultiArray
 
 from policies.common import CHECKPOINT_FORMAT as POLICY_FORMAT, load_policy
 from policies.scripted import make_policy
+from robot_rl.models.checkpoint import read_checkpoint
 from robot_rl.nodes import conversions as conv
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
                                        policy_spec, reject_changes, run, SENSOR_QOS)
-from robot_rl.transport import (ActorTracker, decode_weights, encode_steps, EnvelopeError,
-                                parse_event, VersionGate)
-from robot_rl.models.checkpoint import read_checkpoint
 from robot_rl.rl.learner import resolve_device
 from robot_rl.steering import ValueGuidedSteering
+from robot_rl.transport import (ActorTracker, decode_weights, encode_steps, EnvelopeError,
+                                parse_event, VersionGate)
 from robot_rl.types import ActionSpace, IMAGE_KEY, STATE_DIM, STATE_KEY
 
 
@@ -223,17 +223,17 @@ class PolicyNode(Node):
         """The configured policy: a trained checkpoint (robot-rl-train-bc) rebuilds its own
         class; other weights files load into policy.name's module."""
         path = self.p['policy.checkpoint']
-        device = resolve_device(self.p['device'])
-        if path and read_checkpoint(path)[1].get('format') == POLICY_FORMAT:
-            policy = load_policy(path, device=device)
+        if not path:
+            return make_policy(self.policy_name, self.policy_kwargs)
+        tensors, meta = read_checkpoint(path)  # FileNotFoundError names a missing file
+        if meta.get('format') == POLICY_FORMAT:
+            policy = load_policy(path, device=resolve_device(self.p['device']))
             self.policy_name = policy.name
             return policy
         policy = make_policy(self.policy_name, self.policy_kwargs)
-        if path:
-            tensors, meta = read_checkpoint(path)
-            policy.load_weights({k: v.numpy() for k, v in tensors.items()}, path)
-            self.version = int(meta.get('version', 0))
-            self.gate = VersionGate(self.version)
+        policy.load_weights({k: v.numpy() for k, v in tensors.items()}, path)
+        self.version = int(meta.get('version', 0))
+        self.gate = VersionGate(self.version)
         return policy
 
     def _make_steering(self) -> ValueGuidedSteering:
