@@ -174,3 +174,19 @@ def test_wilson_interval_by_hand():
     lo, hi = wilson_interval(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] > 0.1
+
+
+def test_one_view_augmentation_matches_the_pair_version():
+    """BC augments one view per row; it must be the critic's pair augmentation, not a variant."""
+    import torch
+
+    from robot_rl.rl import learner
+
+    cfg = learner.AugmentConfig()
+    images = torch.randint(0, 255, (5, 16, 16, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    single, = learner.augment_views([images], cfg, torch.Generator().manual_seed(3))
+    first, second = learner.augment_pair(images, images, cfg, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(single, first)
+    torch.testing.assert_close(first, second)
+    assert not torch.allclose(single, images.float() / 255.0)

@@ -275,17 +275,24 @@ def augment_pair(images: torch.Tensor, next_images: torch.Tensor, cfg: AugmentCo
     images, next_images: uint8 (B, H, W, 3) -> float (B, H, W, 3) in [0, 1], same size.
     Sharing the draw keeps the pair consistent, as the V-GPS pipeline does.
     """
-    b = images.shape[0]
-    x = torch.cat([images, next_images]).permute(0, 3, 1, 2).float() / 255.0  # (2B, 3, H, W)
+    first, second = augment_views([images, next_images], cfg, generator)
+    return first, second
+
+
+def augment_views(views: Sequence[torch.Tensor], cfg: AugmentConfig,
+                  generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+    """augment_pair for any number of views (B, H, W, 3) of the same rows: one draw per row."""
+    b, copies = views[0].shape[0], len(views)
+    x = torch.cat(list(views)).permute(0, 3, 1, 2).float() / 255.0  # (copies * B, 3, H, W)
 
     def draw(low: float, high: float) -> torch.Tensor:
         u = torch.rand(b, device=x.device, generator=generator)
-        return (low + (high - low) * u).repeat(2)  # (2B,): row i and row B + i share it
+        return (low + (high - low) * u).repeat(copies)  # row i of every view shares it
 
     x = _random_resized_crop(x, draw, cfg)
     x = _colour_jitter(x, draw, cfg)
     x = x.clamp(0.0, 1.0).permute(0, 2, 3, 1)
-    return x[:b], x[b:]
+    return list(x.split(b))
 
 
 def _random_resized_crop(x: torch.Tensor, draw, cfg: AugmentConfig) -> torch.Tensor:

@@ -166,7 +166,7 @@ def to_policy_batch(batch: ChunkBatch, policy: ChunkPolicy, augment=None) -> Pol
     device = policy.device
     images = torch.from_numpy(batch.images).to(device)
     if augment is not None:
-        images = augment(images, images)[0]
+        images = augment([images])[0]
     return PolicyBatch(images, policy.embed(batch.instructions),
                        torch.from_numpy(batch.actions).to(device),
                        torch.from_numpy(batch.mask).to(device))
@@ -217,7 +217,7 @@ def train(cfg: TrainBCConfig, run: learner.Run, data: TrainData, policy: ChunkPo
     augment = None
     if cfg.augment.enabled:
         generator = torch.Generator(policy.device).manual_seed(cfg.seed + run.start_step)
-        augment = functools.partial(learner.augment_pair, cfg=cfg.augment, generator=generator)
+        augment = functools.partial(learner.augment_views, cfg=cfg.augment, generator=generator)
     autocast = policy.device.type == 'cuda'
     best, metrics, window, busy = run.best, {}, [], 0.0
     last_good: Optional[int] = run.start_step or None
