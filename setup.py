@@ -49,6 +49,7 @@ setup(
             'robot-rl-train-critic = robot_rl.cli.train_critic:main',
             'robot-rl-train-bc = robot_rl.cli.train_bc:main',
             'robot-rl-eval = robot_rl.cli.evaluate:main',
+            'robot-rl-finetune = robot_rl.cli.finetune:main',
         ],
     },
 )

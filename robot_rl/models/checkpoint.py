@@ -12,6 +12,7 @@ from pathlib import Path
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Tuple, Union
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
@@ -25,12 +26,19 @@ def sidecar_path(path: PathLike) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same directory, then rename over `path`."""
+    """Write through a temp file in the same directory, then rename over `path`.
+
+    Any failure to write (a full disk, an unwritable directory) raises OSError naming `path`;
+    `path` itself is never left half-written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except SafetensorError as err:  # safetensors reports I/O failures as its own type
+            raise OSError(f'could not write {path}: {err}') from err
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

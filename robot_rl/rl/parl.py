@@ -22,7 +22,7 @@ out: only the first was improved).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -140,6 +140,25 @@ def parl_sampler(policy: ChunkPolicy, critic: Critic, units: UnitMap,
     return sample
 
 
+def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
+                      lang_emb: torch.Tensor, units: UnitMap, cfg: PARLConfig,
+                      data_actions: Optional[torch.Tensor] = None,
+                      generator: Optional[torch.Generator] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 from observations: the selected action (B, A), critic units, and its value (B,).
+
+    The optimised policy: what the actor executes online and what distillation imitates.
+    data_actions (B, A), critic units, replace the worst candidate (distillation only).
+    """
+    with torch.no_grad():
+        z = critic.encode(images, lang_emb)
+    candidates = sample_first_actions(policy, images, lang_emb, cfg.num_samples, units)
+    with torch.enable_grad():
+        optimised = optimise_actions(critic, z, candidates, cfg, data_actions, generator)
+    rows = torch.arange(images.shape[0], device=images.device)
+    return optimised.candidates[rows, optimised.chosen], optimised.values[rows, optimised.chosen]
+
+
 def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
                        lang_emb: torch.Tensor, data_actions: torch.Tensor, units: UnitMap,
                        cfg: PARLConfig, generator: Optional[torch.Generator] = None
@@ -148,12 +167,9 @@ def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor
 
     data_actions (B, A) are in the critic's units (a replay batch's actions).
     """
-    with torch.no_grad():
-        z = critic.encode(images, lang_emb)
-    candidates = sample_first_actions(policy, images, lang_emb, cfg.num_samples, units)
-    optimised = optimise_actions(critic, z, candidates, cfg, data_actions, generator)
-    rows = torch.arange(images.shape[0], device=images.device)
-    first = units.to_policy(optimised.candidates[rows, optimised.chosen])  # (B, A)
+    chosen, _ = optimised_actions(policy, critic, images, lang_emb, units, cfg, data_actions,
+                                  generator)
+    first = units.to_policy(chosen)  # (B, A)
     horizon = policy.action_horizon
     chunks = first[:, None].expand(-1, horizon, -1).contiguous()
     mask = torch.zeros(images.shape[0], horizon, device=images.device)

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import struct
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import safetensors.numpy
@@ -95,6 +95,19 @@ def decode(data: bytes, expected_schema: Optional[str] = None) -> Envelope:
         raise EnvelopeError('header needs an integer "number" and an object "meta"')
     SCHEMAS[schema](arrays, meta)
     return Envelope(schema=schema, number=number, arrays=arrays, meta=meta)
+
+
+def peek(data: bytes) -> Tuple[Optional[str], int]:
+    """(schema, number) read from the header alone, payload unverified; (None, -1) if unreadable.
+
+    For routing and for naming a rejected message; never a substitute for `decode`.
+    """
+    try:
+        header = _read_header(data)
+    except EnvelopeError:
+        return None, -1
+    number = header.get('number')
+    return header.get('schema'), number if isinstance(number, int) else -1
 
 
 def _read_header(data) -> Dict[str, Any]:
