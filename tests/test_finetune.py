@@ -233,3 +233,44 @@ def test_killing_the_learner_three_times_loses_no_transition(tmp_path):
     assert updates_at_kill == sorted(updates_at_kill)
     assert final['updates'] > updates_at_kill[-1]
     assert link.abandoned == 0
+
+
+def test_the_learner_rejects_a_corrupted_batch_and_stores_it_when_resent(tmp_path):
+    from robot_rl.transport.envelope import decode
+    from robot_rl.transport.link import FrameReader, frame, LearnerServer
+    from robot_rl.transport.steps import encode_steps
+
+    cfg = pretrained(tmp_path / 'pretrained')
+    learner = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    actor = ft.Actor(ft.Models(cfg, torch.device('cpu'), 0), cfg.parl)
+    records, _ = actor.run_episode(make_env(TASK, image_size=IMAGE), TASKS[TASK].instruction, 0)
+    good = encode_steps(records, actor='a', episode=0, instruction=TASKS[TASK].instruction,
+                        seq=4, image_format='png')
+    broken = bytearray(good)
+    broken[-100] ^= 0xFF
+    server = LearnerServer('127.0.0.1', 0)
+    thread = threading.Thread(target=ft.run_learner, args=(learner, server, 1), daemon=True)
+    thread.start()
+    reader = FrameReader()
+
+    def next_message(sock):
+        while True:
+            messages = list(reader.feed(sock.recv(1 << 20)))
+            if messages:
+                assert len(messages) == 1
+                return decode(messages[0])
+    try:
+        with socket.create_connection(('127.0.0.1', server.port), timeout=30) as sock:
+            assert next_message(sock).schema == 'robot_rl.weights/1'  # the current weights
+            sock.sendall(frame(bytes(broken)))
+            nack = next_message(sock)
+            assert (nack.number, nack.meta['ok']) == (4, False) and 'sha256' in nack.meta['reason']
+            assert learner.episodes == 0  # nothing of it was stored
+            sock.sendall(frame(good))
+            ack = next_message(sock)
+            assert (ack.number, ack.meta['ok']) == (4, True)
+            thread.join(timeout=60)
+    finally:
+        server.close()
+    assert not thread.is_alive() and learner.episodes == 1
+    assert learner.online.num_steps == len(records)

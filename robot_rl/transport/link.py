@@ -147,6 +147,10 @@ class LearnerServer:
 
     def close(self) -> None:
         self._closed.set()
+        try:  # wakes the accepting thread, which otherwise keeps the port bound
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             peers = list(self._peers.values())
@@ -236,6 +240,8 @@ class ActorLink:
         self.abandoned = 0
         """Batches dropped after max_attempts rejections."""
         self.acked_through = -1
+        self.weights_received = 0
+        """Weight messages received (verified only when taken)."""
         self._thread = threading.Thread(target=self._run, name='actor-link', daemon=True)
         self._thread.start()
 
@@ -326,6 +332,7 @@ class ActorLink:
         if peek(message)[0] == WEIGHTS_SCHEMA:
             with self._lock:  # keep-latest: verified when taken
                 self._weights = message
+                self.weights_received += 1
             return
         ack = decode(message, ACK_SCHEMA)
         with self._lock:
