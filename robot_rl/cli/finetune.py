@@ -146,7 +146,7 @@ def plot_curves(curves: Dict[str, List[Dict]], path: Path, window: int,
 # ----------------------------------------------------------------------------- modes
 
 
-def _setup(cfg: FinetuneConfig):
+def setup_torch(cfg: FinetuneConfig):
     import torch
     from robot_rl.rl import learner as common
     if cfg.threads:
@@ -154,7 +154,7 @@ def _setup(cfg: FinetuneConfig):
     return common.resolve_device(cfg.device)
 
 
-def _environments(cfg: FinetuneConfig, image_size: int):
+def make_environments(cfg: FinetuneConfig, image_size: int):
     from robot_rl.envs import make_env
     envs = {task: make_env(task, image_size=image_size) for task in cfg.tasks}
     return envs, {task: TASKS[task].instruction for task in cfg.tasks}
@@ -162,13 +162,13 @@ def _environments(cfg: FinetuneConfig, image_size: int):
 
 def run_sync_mode(cfg: FinetuneConfig, run_dir: Path) -> None:
     from robot_rl.rl import finetune as ft
-    device = _setup(cfg)
+    device = setup_torch(cfg)
     learner = ft.Learner(cfg.learner, run_dir, device, cfg.seed)
     actor = ft.Actor(ft.Models(cfg.learner, device, cfg.seed), cfg.learner.parl,
                      cfg.actor_name, seed=cfg.seed)
     if learner.version:
         actor.load(ft.decode_weights(learner.weights_message()))
-    envs, instructions = _environments(cfg, learner.models.image_size)
+    envs, instructions = make_environments(cfg, learner.models.image_size)
     plan = ft.episode_plan(cfg.tasks, cfg.total_episodes, cfg.seed)
     with tqdm(total=len(plan), initial=learner.episodes, desc='PA-RL episodes',
               unit='ep') as progress:
@@ -178,7 +178,7 @@ def run_sync_mode(cfg: FinetuneConfig, run_dir: Path) -> None:
 def run_learner_mode(cfg: FinetuneConfig, run_dir: Path) -> None:
     from robot_rl.rl import finetune as ft
     from robot_rl.transport.link import LearnerServer
-    device = _setup(cfg)
+    device = setup_torch(cfg)
     learner = ft.Learner(cfg.learner, run_dir, device, cfg.seed)
     server = LearnerServer(cfg.host, cfg.port)
     (run_dir / PORT_FILE).write_text(str(server.port))
@@ -194,10 +194,10 @@ def run_actor_mode(cfg: FinetuneConfig, run_dir: Path, port: Optional[int] = Non
     import os
     from robot_rl.rl import finetune as ft
     from robot_rl.transport.link import ActorLink
-    device = _setup(cfg)
+    device = setup_torch(cfg)
     actor = ft.Actor(ft.Models(cfg.learner, device, cfg.seed), cfg.learner.parl,
                      f'{cfg.actor_name}-{os.getpid()}-{int(time.time())}', seed=cfg.seed)
-    envs, instructions = _environments(cfg, actor.models.image_size)
+    envs, instructions = make_environments(cfg, actor.models.image_size)
     link = ActorLink(cfg.host, port or cfg.port)
     timing = ft.ActorTiming()
     plan = ft.episode_plan(cfg.tasks, cfg.total_episodes, cfg.seed)

@@ -46,6 +46,7 @@ from robot_rl.rl import parl
 from robot_rl.rl.calql import CalQL, CalQLConfig
 from robot_rl.rl.online_learner import records_to_episode
 from robot_rl.steering.execution import ChunkExecutor
+from robot_rl.steering.vgps import StepInfo
 from robot_rl.transport.envelope import EnvelopeError, peek
 from robot_rl.transport.steps import (decode_steps, encode_steps, EpisodeAssembler, StepBatch,
                                       StepRecord)
@@ -258,7 +259,8 @@ class Learner:
                 'success': bool(episode.is_terminal[-1]), 'length': episode.num_transitions,
                 'return': float(episode.rewards[:-1].sum()), 'warmup': warmup,
                 'updates': self.updates, 'version': self.version,
-                'wall_s': round(self.wall_s, 2), **episode.metadata}
+                'wall_s': round(self.wall_s, 2), **episode.metadata,
+                **{k: round(v, 4) for k, v in self.last_stats.items() if math.isfinite(v)}}
         with open(self.run_dir / CURVE_FILE, 'a') as f:
             f.write(json.dumps(line) + '\n')
 
@@ -381,6 +383,7 @@ class Actor:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.executor = ChunkExecutor(1, bounds or ActionSpace.bridge())
         self.version = 0
+        self.last = StepInfo()
         self._embeddings: Dict[str, torch.Tensor] = {}
 
     def load(self, update: WeightUpdate) -> bool:
@@ -403,9 +406,12 @@ class Actor:
         self.version = update.version
         return True
 
-    def reset(self) -> None:
+    def reset(self, seed: Optional[int] = None) -> None:
+        """A new episode (`seed` reseeds the action sampling, for paired evaluations)."""
         self.policy.reset()
         self.executor.reset()
+        if seed is not None:
+            self.generator.manual_seed(seed)
 
     def act(self, obs: Observation, instruction: str) -> np.ndarray:
         """The action (7,) to execute, environment units."""
@@ -414,9 +420,10 @@ class Actor:
         images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
         if instruction not in self._embeddings:
             self._embeddings[instruction] = self.policy.embed([instruction])
-        action, _ = parl.optimised_actions(self.policy, self.critic, images,
-                                           self._embeddings[instruction], self.models.units,
-                                           self.cfg, generator=self.generator)
+        action, value = parl.optimised_actions(self.policy, self.critic, images,
+                                               self._embeddings[instruction], self.models.units,
+                                               self.cfg, generator=self.generator)
+        self.last = StepInfo(self.cfg.num_samples, 0, value.float().cpu().numpy())
         env_units = self.models.critic_space.unnormalise(action[0].float().cpu().numpy())
         return self.executor(env_units[None].astype(np.float32))
 
