@@ -22,7 +22,7 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(include=['robot_rl', 'robot_rl.*', 'policies', 'policies.*']),
-    package_data={'robot_rl': ['envs/assets/*']},
+    package_data={'robot_rl': ['envs/assets/*', 'checkpoints/*/*.*', 'checkpoints/*/*/*.*']},
     include_package_data=True,
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),

@@ -48,15 +48,20 @@ def test_gen_data_rejects_unknown_task(tmp_path):
     assert 'fold_laundry' in result.stderr
 
 
-def test_demo_writes_video_and_results(tmp_path):
-    out = run_script('robot-rl-demo', 'tasks=[spoon_on_towel]', 'episodes_per_task=2',
-                     'expert=clean', 'image_size=64', 'video_size=128',
+def test_demo_runs_base_vgps_and_parl_on_the_shipped_checkpoints(tmp_path):
+    out = run_script('robot-rl-demo', 'eval_episodes=1', 'finetune_episodes=1',
+                     'learner.warmup_episodes=1', 'learner.updates_per_step=0.1',
+                     'video_size=128', 'device=cpu', 'threads=1',
                      f'output_dir={tmp_path / "demo"}', cwd=tmp_path)
-    assert 'spoon_on_towel' in out and 'P(no failure drawn)' in out
+    assert '| base |' in out and '| V-GPS K=10 |' in out and '| PA-RL |' in out
     summary = json.loads((tmp_path / 'demo' / 'results.json').read_text())
-    assert summary['results']['spoon_on_towel']['episodes'] == 2
+    assert list(summary['arms']) == ['base', 'V-GPS K=10', 'PA-RL']
+    for arm in summary['arms'].values():
+        assert arm['tasks']['carrot_on_plate']['episodes'] == 1
+    assert summary['finetune']['episodes'] == 1 and summary['finetune']['updates'] > 0
+    fine_tuned = tmp_path / 'demo' / 'finetune' / 'checkpoints' / 'last' / 'policy.safetensors'
+    assert fine_tuned.is_file() and (tmp_path / 'demo' / 'curve.png').stat().st_size > 10_000
     import imageio.v2 as imageio
-    reader = imageio.get_reader(tmp_path / 'demo' / 'rollouts.mp4')
+    reader = imageio.get_reader(tmp_path / 'demo' / 'videos' / 'parl.mp4')
     frame = reader.get_data(0)
     assert frame.shape == (128, 128, 3) and frame.std() > 5  # a real rendered scene
-    assert reader.count_frames() > 2 * 5
