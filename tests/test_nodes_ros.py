@@ -189,8 +189,8 @@ def test_recorder_outputs_read_back(graph):
     assert msg.encoding == 'rgb8' and msg.height == 64
 
 
-def test_policy_node_steers_a_trained_policy_with_a_critic(tmp_path):
-    """policy.checkpoint from robot-rl-train-bc (diffusion) + a critic: V-GPS in the node."""
+def trained_checkpoints(directory):
+    """A small diffusion policy and critic saved as robot-rl-train-bc / -critic write them."""
     import torch
 
     from policies.common import save_policy
@@ -200,10 +200,16 @@ def test_policy_node_steers_a_trained_policy_with_a_critic(tmp_path):
 
     space = ActionSpace.bridge()
     torch.manual_seed(0)
-    save_policy(tmp_path / 'policy.safetensors',
+    save_policy(directory / 'policy.safetensors',
                 DiffusionPolicy(space, encoder={'width': 8}, hidden=32, blocks=1))
-    save_critic(tmp_path / 'critic.safetensors',
+    save_critic(directory / 'critic.safetensors',
                 Critic(CriticConfig(encoder_depth=10, encoder_width=8, hidden_dims=(32,))), space)
+    return space
+
+
+def test_policy_node_steers_a_trained_policy_with_a_critic(tmp_path):
+    """policy.checkpoint from robot-rl-train-bc (diffusion) + a critic: V-GPS in the node."""
+    space = trained_checkpoints(tmp_path)
     g = Graph(tmp_path)
     try:
         g.start('sim', 'sim', {'task': 'carrot_on_plate', 'image_size': 64,
@@ -216,5 +222,35 @@ def test_policy_node_steers_a_trained_policy_with_a_critic(tmp_path):
         assert 'V-GPS steering: K=8' in policy.log()
         for _, a in g.actions:
             assert space.check(a) is not None and a[6] in (0.0, 1.0)  # sticky gripper: binary
+    finally:
+        g.close()
+
+
+def test_learner_node_finetunes_policy_and_critic_with_parl(tmp_path):
+    """sim + policy (steered) + learner (PA-RL): new policy and critic weights reach the actor."""
+    trained_checkpoints(tmp_path)
+    g = Graph(tmp_path)
+    try:
+        g.start('sim', 'sim', {'task': 'carrot_on_plate', 'image_size': 64,
+                               'max_episode_steps': EPISODE_STEPS})
+        g.start('policy', 'policy', {
+            'policy.checkpoint': str(tmp_path / 'policy.safetensors'),
+            'steering.critic_checkpoint': str(tmp_path / 'critic.safetensors'),
+            'steering.num_samples': 4, 'transitions.batch_steps': 3})
+        learner = g.start('learner', 'learner', {
+            'device': 'cpu', 'update_rate_hz': 20.0,
+            'finetune.policy_checkpoint': str(tmp_path / 'policy.safetensors'),
+            'finetune.critic_checkpoint': str(tmp_path / 'critic.safetensors'),
+            'finetune.run_dir': 'parl', 'finetune.overrides': [
+                'learner.offline_ratio=0', 'learner.batch_size=8', 'learner.publish_every=2',
+                'learner.checkpoint_every=4', 'learner.parl.num_samples=4',
+                'learner.parl.top_m=2', 'learner.parl.gradient_steps=1']})
+        g.wait(lambda: max(g.versions, default=0) >= 2, 240, 'PA-RL weights version 2')
+        assert 'PA-RL on a Cal-QL critic' in learner.log()
+        assert 'now acting with weights version' in g.procs['policy'].log()
+        assert 'dropped' not in g.procs['policy'].log()
+        status = g.last_status()
+        assert status['episodes'] >= 1 and status['updates'] >= 4
+        assert (tmp_path / 'parl' / 'checkpoints' / 'last' / 'policy.safetensors').is_file()
     finally:
         g.close()

@@ -8,8 +8,13 @@ Publishes:
     learner/status  std_msgs/String JSON {steps_received, episodes, transitions, version,
                     updates, dropped} once a second (COMMAND_QOS)
 The subscription callback only queues bytes; a timer in its own callback group decodes
-(bad envelopes are logged and dropped), stores episodes (robot_rl.rl.online_learner), updates
-and publishes. Checkpoints and replay live on disk; restarting resumes from them.
+(bad envelopes are logged and dropped), stores episodes, updates and publishes. Checkpoints and
+replay live on disk; restarting resumes from them.
+
+With finetune.policy_checkpoint and finetune.critic_checkpoint set, the learner is PA-RL on a
+Cal-QL critic (robot_rl.rl.finetune.Learner, configured by configs/finetune.yaml's `learner`
+section plus finetune.overrides; its weights carry the policy and the critic). Without them it
+behaviour-clones the online policy (robot_rl.rl.online_learner), a quick smoke mode.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from std_msgs.msg import String, UInt8MultiArray
 
+from pathlib import Path
+
 from policies.scripted import make_policy
 from robot_rl.nodes import conversions as conv
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
                                        policy_spec, reject_changes, run)
+from robot_rl.rl.finetune import LearnerStopped
 from robot_rl.rl.online_learner import OnlineLearner, OnlineLearnerConfig
 from robot_rl.transport import decode_steps, EnvelopeError
 
@@ -42,15 +50,9 @@ class LearnerNode(Node):
         super().__init__('learner')
         self.p = declare_all(self, 'learner')
         self.add_on_set_parameters_callback(reject_changes)
-        name, kwargs = policy_spec(self.p)
         device = pick_device(self.p['device'])
-        config = OnlineLearnerConfig(
-            replay_dir=self.p['replay_dir'], checkpoint_dir=self.p['checkpoint_dir'],
-            batch_size=self.p['batch_size'], lr=self.p['lr'],
-            min_transitions=self.p['min_transitions'], publish_every=self.p['publish_every'],
-            seed=self.p['seed'])
-        self.learner = OnlineLearner(make_policy(name, {**kwargs, 'device': device}), name,
-                                     config)
+        self.learner = (self._parl_learner(device) if self.p['finetune.policy_checkpoint']
+                        else self._bc_learner(device))
         self.inbox = collections.deque()
         self.inbox_lock = threading.Lock()
         self.dropped = 0
@@ -66,6 +68,31 @@ class LearnerNode(Node):
         if self.learner.version > 0:
             self.publish_weights(self.learner.weights_message())
 
+    def _parl_learner(self, device: str):
+        import torch
+        from omegaconf import OmegaConf
+
+        from robot_rl.cli.config import compose
+        from robot_rl.cli.finetune import FinetuneConfig  # noqa: F401  (registers the schema)
+        from robot_rl.rl.finetune import Learner
+        overrides = [o for o in self.p['finetune.overrides'] if o] + [
+            f'learner.policy_path={self.p["finetune.policy_checkpoint"]}',
+            f'learner.critic_path={self.p["finetune.critic_checkpoint"]}']
+        cfg = OmegaConf.to_object(compose('finetune', overrides))
+        self.get_logger().info(f'PA-RL on a Cal-QL critic, run directory '
+                               f'{self.p["finetune.run_dir"]}')
+        return Learner(cfg.learner, Path(self.p['finetune.run_dir']), torch.device(device),
+                       self.p['seed'])
+
+    def _bc_learner(self, device: str) -> OnlineLearner:
+        name, kwargs = policy_spec(self.p)
+        config = OnlineLearnerConfig(
+            replay_dir=self.p['replay_dir'], checkpoint_dir=self.p['checkpoint_dir'],
+            batch_size=self.p['batch_size'], lr=self.p['lr'],
+            min_transitions=self.p['min_transitions'], publish_every=self.p['publish_every'],
+            seed=self.p['seed'])
+        return OnlineLearner(make_policy(name, {**kwargs, 'device': device}), name, config)
+
     def on_transitions(self, msg: UInt8MultiArray) -> None:
         with self.inbox_lock:
             self.inbox.append(conv.uint8_multiarray_bytes(msg))
@@ -79,11 +106,15 @@ class LearnerNode(Node):
             except (EnvelopeError, ValueError) as exc:
                 self.dropped += 1
                 self.get_logger().error(f'transition message dropped: {exc}')
-        if not self.learner.ready():
-            return
         for _ in range(self.p['updates_per_tick']):
-            self.learner.update()
-            blob = self.learner.maybe_publish()
+            if not self.learner.ready():
+                return
+            try:
+                self.learner.update()
+                blob = self.learner.maybe_publish()
+            except LearnerStopped as exc:  # e.g. an unwritable checkpoint directory
+                self.get_logger().fatal(str(exc))
+                raise SystemExit(1) from exc
             if blob is not None:
                 self.publish_weights(blob)
 

@@ -85,6 +85,15 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
         P('transitions.history_depth', 1000, 'Depth requested on the transitions topic '
           '(transient local: a restarted learner receives what it missed).', 1, 100000,
           read_only=True),
+        P('finetune.policy_checkpoint', '', 'Pre-trained policy (robot-rl-train-bc '
+          '.safetensors): PA-RL fine-tuning; empty = behaviour cloning of policy.name.',
+          read_only=True),
+        P('finetune.critic_checkpoint', '', 'Cal-QL critic for PA-RL: a robot-rl-train-critic '
+          'checkpoint directory or a critic .safetensors.', read_only=True),
+        P('finetune.run_dir', 'learner/finetune', 'PA-RL run directory (replay, checkpoints, '
+          'curve.jsonl; resumed from).', read_only=True),
+        P('finetune.overrides', [''], 'Hydra overrides of configs/finetune.yaml, e.g. '
+          '["learner.batch_size=64", "learner.updates_per_step=2"].', read_only=True),
     ],
     'recorder': [
         P('output_dir', 'recordings', 'Directory for the RLDS dataset and the MCAP bag.',

@@ -40,6 +40,7 @@ from robot_rl.models.checkpoint import read_checkpoint
 from robot_rl.nodes import conversions as conv
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
                                        policy_spec, reject_changes, run, SENSOR_QOS)
+from robot_rl.rl.finetune import check_fits, split_weights
 from robot_rl.rl.learner import resolve_device
 from robot_rl.steering import ValueGuidedSteering
 from robot_rl.transport import (ActorTracker, decode_weights, encode_steps, EnvelopeError,
@@ -133,7 +134,7 @@ class PolicyNode(Node):
                                        f'{self.gate.current})')
                 return
             with self.lock:
-                self.policy.load_weights(update.tensors, f'weights v{update.version}')
+                self.load_weights(update)
             self.gate.accept(update.version)
             self.version = update.version
         except (EnvelopeError, ValueError, AttributeError) as exc:
@@ -141,6 +142,24 @@ class PolicyNode(Node):
             return
         self.pub_version.publish(Int64(data=self.version))
         self.get_logger().info(f'now acting with weights version {self.version}')
+
+    def load_weights(self, update) -> None:
+        """A learner's weights: the policy's tensors, or (PA-RL) the policy's and the critic's,
+        each checked against its module before either is copied (ValueError otherwise)."""
+        if not any(key.startswith('policy.') for key in update.tensors):
+            self.policy.load_weights(update.tensors, f'weights v{update.version}')
+            return
+        parts = split_weights(update)
+        critic = self.steering.critic
+        if parts['critic'] and critic is None:
+            raise ValueError('the weights carry a critic but this node steers without one '
+                             '(set steering.critic_checkpoint)')
+        source = f'weights v{update.version}'
+        check_fits(self.policy, parts['policy'], source)
+        if parts['critic']:
+            check_fits(critic, parts['critic'], source)
+            critic.load_state_dict(parts['critic'])
+        self.policy.load_state_dict(parts['policy'])
 
     def on_control_tick(self) -> None:
         self.close_episodes()

@@ -193,6 +193,7 @@ class Learner:
         self.calql.reset_optimizers()
         self.policy_opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr)
         self.updates = self.version = 0
+        self.steps_received = 0
         self.elapsed_s = 0.0
         self._started = time.monotonic()
         self.last_stats: Dict[str, float] = {}
@@ -237,6 +238,7 @@ class Learner:
         Actions arrive in environment units and are stored in the critic's normalised units.
         """
         stored = []
+        self.steps_received += len(batch.steps)
         for (actor, episode), instruction, steps in self.assembler.add(batch):
             meta = {'actor': actor, 'episode': episode, 'units': 'critic-normalised',
                     'policy_versions': sorted({s.policy_version for s in steps})}
@@ -248,6 +250,15 @@ class Learner:
                                      'the actor keeps it until this is fixed') from err
             self._log_episode(stored[-1])
         return stored
+
+    @property
+    def replay(self) -> ReplayBuffer:
+        """The online replay (on disk)."""
+        return self.online
+
+    def ready(self) -> bool:
+        """Whether an update is due (the ratio allows one now)."""
+        return self.updates_due() > 0
 
     def durable(self, batch: StepBatch) -> bool:
         """Whether `batch`'s episode is stored on disk (its steps can be acknowledged)."""
@@ -297,6 +308,13 @@ class Learner:
         """A new weight version: bump the version and return its message."""
         self.version += 1
         return self.weights_message()
+
+    def maybe_publish(self) -> Optional[bytes]:
+        """After an update: checkpoint every `checkpoint_every` updates; every `publish_every`
+        return a new weights message (else None)."""
+        if self.updates % self.cfg.checkpoint_every == 0:
+            self.save()
+        return self.publish() if self.updates % self.cfg.publish_every == 0 else None
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -388,16 +406,10 @@ class Actor:
 
     def load(self, update: WeightUpdate) -> bool:
         """Copy a weights update in (True), or log why not and keep the current weights."""
-        parts: Dict[str, Dict[str, torch.Tensor]] = {'policy': {}, 'critic': {}}
-        for key, value in update.tensors.items():
-            prefix, _, name = key.partition('.')
-            if prefix not in parts:
-                logger.error('weights v%d: unexpected tensor %r; not loaded', update.version, key)
-                return False
-            parts[prefix][name] = torch.from_numpy(np.array(value))
         try:  # verify both before copying either
+            parts = split_weights(update)
             for prefix, module in (('policy', self.policy), ('critic', self.critic)):
-                _check_fits(module, parts[prefix], f'weights v{update.version}')
+                check_fits(module, parts[prefix], f'weights v{update.version}')
         except ValueError as err:
             logger.error('%s; keeping version %d', err, self.version)
             return False
@@ -456,7 +468,18 @@ class Actor:
         return records, success
 
 
-def _check_fits(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
+def split_weights(update: WeightUpdate) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{'policy': tensors, 'critic': tensors} of a `weights_message`; ValueError otherwise."""
+    parts: Dict[str, Dict[str, torch.Tensor]] = {'policy': {}, 'critic': {}}
+    for key, value in update.tensors.items():
+        prefix, _, name = key.partition('.')
+        if prefix not in parts:
+            raise ValueError(f'weights v{update.version}: unexpected tensor {key!r}')
+        parts[prefix][name] = torch.from_numpy(np.array(value))
+    return parts
+
+
+def check_fits(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], source: str) -> None:
     """ValueError naming the first tensor that does not fit `module` (nothing is copied)."""
     expected = module.state_dict()
     for name, value in expected.items():
@@ -522,12 +545,11 @@ def run_learner(learner: Learner, server, total_episodes: int) -> None:
             learner.ingest(batch)
             if learner.durable(batch):
                 server.ack(peer, batch.seq)
-        if learner.updates_due() > 0:
+        if learner.ready():
             learner.update()
-            if learner.updates % learner.cfg.publish_every == 0:
-                server.publish(learner.publish())
-            if learner.updates % learner.cfg.checkpoint_every == 0:
-                learner.save()
+            message = learner.maybe_publish()
+            if message is not None:
+                server.publish(message)
     learner.save()
     server.publish(learner.publish())
 
