@@ -91,7 +91,7 @@ def bench_latency(d, tmp, env, frames, rate_hz=5.0):
             'p99_ms': float(np.percentile(ms, 99)), 'control_rate_hz': rate_hz}
 
 
-def bench_weights(d, tmp, env, repeats=3):
+def bench_weights(d, tmp, env, repeats=3, dtype='float32'):
     from std_msgs.msg import Int64, UInt8MultiArray
 
     from policies.scripted import make_policy
@@ -100,10 +100,10 @@ def bench_weights(d, tmp, env, repeats=3):
     from robot_rl.transport import encode_weights, state_dict_to_numpy
     policy = NodeProcess('policy', {'config_name': '', 'policy.kwargs_json': json.dumps(BIG),
                                     'transitions.enabled': False}, tmp, env,
-                         name='policy_weights')
+                         name=f'policy_weights_{dtype}')
     source = make_policy('tiny_mlp', BIG)
     params = sum(p.numel() for p in source.module.parameters())
-    tensors = state_dict_to_numpy(source.module.state_dict())
+    tensors = state_dict_to_numpy(source.module.state_dict(), dtype)
     pub = d.node.create_publisher(UInt8MultiArray, 'weights', LATCHED_QOS)
     versions = []
     d.node.create_subscription(Int64, 'policy/version', lambda m: versions.append(m.data),
@@ -117,7 +117,7 @@ def bench_weights(d, tmp, env, repeats=3):
         d.spin(lambda: versions[-1] == v, 60, f'version {v} in use', [policy])
         times.append(time.perf_counter() - start)
     policy.stop()
-    return {'parameters': params, 'megabytes': len(blob) / 2 ** 20,
+    return {'parameters': params, 'dtype': dtype, 'megabytes': len(blob) / 2 ** 20,
             'seconds': [round(t, 3) for t in times], 'median_s': float(np.median(times))}
 
 
@@ -158,6 +158,8 @@ def bench_ingest(d, tmp, env, batches=300, steps=4):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--frames', type=int, default=100)
+    parser.add_argument('--parts', nargs='+', default=['latency', 'weights', 'ingest'],
+                        choices=['latency', 'weights', 'ingest'])
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     domain = unique_domain_id()
@@ -165,13 +167,17 @@ def main():
     os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
     d = Driver(domain)
     results = {'machine': machine(), 'rmw': 'rmw_fastrtps_cpp (ros-jazzy wheels), loopback'}
-    results['latency_k10_50hz'] = bench_latency(d, tmp, env, args.frames, 50.0)
-    print(json.dumps(results['latency_k10_50hz']), flush=True)
-    results['latency_k10_5hz'] = bench_latency(d, tmp, env, args.frames, 5.0)
-    print(json.dumps(results['latency_k10_5hz']), flush=True)
-    results['weights_25m'] = bench_weights(d, tmp, env)
-    print(json.dumps(results['weights_25m']), flush=True)
-    results['learner_ingest'] = bench_ingest(d, tmp, env)
+    if 'latency' in args.parts:
+        results['latency_k10_50hz'] = bench_latency(d, tmp, env, args.frames, 50.0)
+        print(json.dumps(results['latency_k10_50hz']), flush=True)
+        results['latency_k10_5hz'] = bench_latency(d, tmp, env, args.frames, 5.0)
+        print(json.dumps(results['latency_k10_5hz']), flush=True)
+    if 'weights' in args.parts:
+        for dtype in ('float32', 'float16'):
+            results[f'weights_25m_{dtype}'] = bench_weights(d, tmp, env, dtype=dtype)
+            print(json.dumps(results[f'weights_25m_{dtype}']), flush=True)
+    if 'ingest' in args.parts:
+        results['learner_ingest'] = bench_ingest(d, tmp, env)
     print(json.dumps(results, indent=2))
 
 

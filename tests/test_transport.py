@@ -110,3 +110,20 @@ def test_online_learner_stores_updates_publishes_and_resumes(tmp_path):
     assert decode_weights(learner.maybe_publish()).version == 1
     again = OnlineLearner(make_policy('tiny_mlp', {'hidden': 8, 'seed': 5}), 'tiny_mlp', config)
     assert again.version == 1 and again.ingest(batch) == 0 and len(again.replay) == 1
+
+
+def test_weights_travel_as_float16_when_asked():
+    import torch
+
+    from robot_rl.transport import decode_weights, encode_weights, state_dict_to_numpy
+    state = {'w': torch.linspace(-3, 3, 11), 'steps': torch.arange(3)}
+    half = state_dict_to_numpy(state, 'float16')
+    assert half['w'].dtype == np.float16 and half['steps'].dtype == np.int64
+    update = decode_weights(encode_weights(half, 1, {'policy': 'p'}))
+    module = torch.nn.Linear(1, 11)
+    module.bias.data.copy_(torch.from_numpy(update.tensors['w']))  # float16 into float32
+    np.testing.assert_allclose(module.bias.detach().numpy(), state['w'].numpy(), atol=2e-3)
+    full = state_dict_to_numpy(state)
+    assert full['w'].nbytes == 2 * half['w'].nbytes
+    with pytest.raises(ValueError, match='float16 range'):
+        state_dict_to_numpy({'big': torch.tensor([1e6])}, 'float16')

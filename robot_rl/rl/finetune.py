@@ -51,7 +51,7 @@ from robot_rl.transport.envelope import EnvelopeError, peek
 from robot_rl.transport.steps import (decode_steps, encode_steps, EpisodeAssembler, StepBatch,
                                       StepRecord)
 from robot_rl.transport.weights import (decode_weights, encode_weights, state_dict_to_numpy,
-                                        WeightUpdate)
+                                        WeightUpdate, WIRE_DTYPES)
 from robot_rl.types import ActionSpace, Episode, fit_image, IMAGE_KEY, Observation, STATE_KEY
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class LearnerConfig:
     grad_clip: float = 1.0
     publish_every: int = 20
     """Processes: send the actor new weights every this many updates."""
+    weights_dtype: str = 'float32'
+    """Floating-point type of weight messages: float32, or float16 (half the bytes)."""
     checkpoint_every: int = 200
     """Processes: checkpoint every this many updates (and at the end)."""
     language_model: Optional[str] = None
@@ -110,7 +112,8 @@ class LearnerConfig:
             (self.updates_per_step > 0, 'updates_per_step > 0'),
             (min(self.batch_size, self.publish_every, self.checkpoint_every) >= 1,
              'batch_size, publish_every, checkpoint_every >= 1'),
-            (self.policy_lr > 0, 'policy_lr > 0')) if not ok]
+            (self.policy_lr > 0, 'policy_lr > 0'),
+            (self.weights_dtype in WIRE_DTYPES, f'weights_dtype in {WIRE_DTYPES}')) if not ok]
 
 
 class LearnerStopped(RuntimeError):
@@ -145,11 +148,12 @@ class Models:
 
 
 def weights_message(policy: ChunkPolicy, critic: Critic, version: int,
-                    meta: Optional[Dict[str, Any]] = None) -> bytes:
+                    meta: Optional[Dict[str, Any]] = None, dtype: str = 'float32') -> bytes:
     """Policy and critic tensors ('policy.*', 'critic.*') as one versioned weights envelope."""
-    tensors = {f'policy.{k}': v for k, v in state_dict_to_numpy(policy.state_dict()).items()}
+    tensors = {f'policy.{k}': v
+               for k, v in state_dict_to_numpy(policy.state_dict(), dtype).items()}
     tensors.update({f'critic.{k}': v
-                    for k, v in state_dict_to_numpy(critic.state_dict()).items()})
+                    for k, v in state_dict_to_numpy(critic.state_dict(), dtype).items()})
     return encode_weights(tensors, version, {'policy': policy.name,
                                              'kwargs': policy.config_dict(), **(meta or {})})
 
@@ -302,7 +306,7 @@ class Learner:
     def weights_message(self) -> bytes:
         """Envelope bytes of the current policy and critic at the current version."""
         return weights_message(self.policy, self.calql.critic, self.version,
-                               {'updates': self.updates})
+                               {'updates': self.updates}, self.cfg.weights_dtype)
 
     def publish(self) -> bytes:
         """A new weight version: bump the version and return its message."""

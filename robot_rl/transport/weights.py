@@ -43,9 +43,27 @@ def decode_weights(data: bytes) -> WeightUpdate:
     return WeightUpdate(version=env.number, tensors=env.arrays, meta=env.meta)
 
 
-def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-    """torch state dict -> {name: contiguous numpy array on the CPU} (no torch import here)."""
-    return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in state_dict.items()}
+WIRE_DTYPES = ('float32', 'float16')
+
+
+def state_dict_to_numpy(state_dict: Mapping[str, Any],
+                        float_dtype: str = 'float32') -> Dict[str, np.ndarray]:
+    """torch state dict -> {name: contiguous numpy array on the CPU} (no torch import here).
+
+    float_dtype 'float16' halves a weight message (floating tensors only; the receiver copies
+    them into its float32 modules). Values beyond float16's range are an error, not inf.
+    """
+    if float_dtype not in WIRE_DTYPES:
+        raise ValueError(f'float_dtype must be one of {WIRE_DTYPES}, got {float_dtype!r}')
+    out = {}
+    for name, value in state_dict.items():
+        array = value.detach().cpu().numpy()
+        if array.dtype.kind == 'f' and array.dtype != np.dtype(float_dtype):
+            if float_dtype == 'float16' and array.size and np.abs(array).max() > 65504:
+                raise ValueError(f'tensor {name!r} exceeds the float16 range')
+            array = array.astype(float_dtype)
+        out[name] = np.ascontiguousarray(array)
+    return out
 
 
 @register_schema(WEIGHTS_SCHEMA)
