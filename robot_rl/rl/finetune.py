@@ -186,6 +186,7 @@ class Learner:
                                        device)
         self.rng = np.random.default_rng(seed)
         self.online = ReplayBuffer(self.run_dir / 'replay', gamma=cfg.algo.gamma)
+        self._warmup_transitions: Optional[int] = None
         self.offline = self._read_offline()
         sources = [(self.online, 1.0 - cfg.offline_ratio)]
         if self.offline is not None:
@@ -222,11 +223,11 @@ class Learner:
 
     def warmup_transitions(self) -> Optional[int]:
         """Transitions in the warm-up episodes; None while the warm-up is still running."""
-        if self.episodes < self.cfg.warmup_episodes:
-            return None
-        lengths = [e.num_transitions for _, e in zip(range(self.cfg.warmup_episodes),
-                                                     self.online.episodes())]
-        return int(sum(lengths))
+        if self._warmup_transitions is None and self.episodes >= self.cfg.warmup_episodes:
+            lengths = [e.num_transitions for _, e in zip(range(self.cfg.warmup_episodes),
+                                                         self.online.episodes())]
+            self._warmup_transitions = int(sum(lengths))
+        return self._warmup_transitions
 
     def updates_due(self) -> int:
         """Updates the ratio allows now: updates_per_step x post-warm-up transitions - done."""
