@@ -505,9 +505,8 @@ def episode_plan(tasks: List[str], total: int, seed: int) -> List[Tuple[str, int
 
 def run_sync(learner: Learner, actor: Actor, envs: Dict[str, Any], instructions: Dict[str, str],
              plan: List[Tuple[str, int]], progress=None) -> List[Dict[str, Any]]:
-    """The published loop in one process: per episode, collect, store, update, reload weights.
-
-    Resumes at episode `learner.episodes`; returns one summary per episode run here.
+    """The published loop in one process: per episode, collect, store, update, reload weights,
+    checkpoint. Resumes at episode `learner.episodes`; returns one summary per episode run here.
     """
     summaries = []
     for index in range(learner.episodes, len(plan)):
@@ -519,6 +518,7 @@ def run_sync(learner: Learner, actor: Actor, envs: Dict[str, Any], instructions:
             learner.update()
         if due:
             actor.load(decode_weights(learner.publish()))
+            learner.save()  # every episode: an interrupted run resumes where it stopped
         summaries.append({'episode': index, 'task': task, 'success': success,
                           'updates': learner.updates, 'wall_s': learner.wall_s})
         if progress is not None:
