@@ -149,3 +149,22 @@ def test_calql_with_the_parl_sampler_backs_up_optimised_actions():
     stats = algo.update(batch)
     assert calls == [(b, 3, 7), (b, 3, 7)]  # at s (CQL term) and at s' (CQL term + TD target)
     assert np.isfinite(stats.loss) and np.isfinite(stats.target_q)
+
+
+def test_the_chosen_chunk_carries_the_optimised_first_action():
+    torch.manual_seed(0)
+    policy = tiny_policy('diffusion').eval()
+    units = parl.UnitMap(ActionSpace.bridge(), ActionSpace.bridge(), torch.device('cpu'))
+    images = torch.randint(0, 255, (3, 16, 16, 3), dtype=torch.uint8)
+    lang = torch.randn(3, 4)
+    cfg = parl.PARLConfig(num_samples=8, top_m=3, gradient_steps=5, step_size=0.05)
+    choice = parl.optimised_actions(policy, QuadraticCritic(), images, lang, units, cfg)
+    assert choice.chunk.shape == (3, policy.action_horizon, 7)
+    np.testing.assert_allclose(choice.chunk[:, 0], units.to_policy(choice.action), atol=1e-6)
+    np.testing.assert_allclose(choice.value, QuadraticCritic().q(None, choice.action).mean(0),
+                               rtol=1e-5)
+    # With the dataset action as the only candidate kept, the chunk repeats it.
+    data = torch.full((3, 7), 0.25)
+    only_data = parl.optimised_actions(policy, QuadraticCritic(), images, lang, units,
+                                       parl.PARLConfig(8, top_m=1, gradient_steps=0), data)
+    assert torch.allclose(only_data.chunk, data[:, None].expand(-1, policy.action_horizon, -1))

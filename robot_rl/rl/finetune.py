@@ -393,9 +393,11 @@ class Learner:
 class Actor:
     """Acts with the optimised policy and records RLDS step records; takes new weights.
 
-    Every control step: one policy encoding and N samples, one critic encoding, PA-RL's
-    action optimisation, then the chosen action through the sticky gripper, clipped to the
-    robot's limits. `load` verifies a weights update against both networks before copying.
+    Every control step: one policy encoding and N sampled chunks, one critic encoding, PA-RL's
+    optimisation of their first actions, then the chosen chunk (its first action optimised)
+    through the same execution as V-GPS: temporal ensembling, sticky gripper, the robot's
+    limits. The executed action is what is recorded. `load` verifies a weights update against
+    both networks before copying.
     """
 
     def __init__(self, models: Models, cfg: parl.PARLConfig, name: str = 'actor',
@@ -404,7 +406,7 @@ class Actor:
         self.policy, self.critic = models.policy.eval(), models.critic.eval()
         self.device = self.policy.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.executor = ChunkExecutor(1, bounds or ActionSpace.bridge())
+        self.executor = ChunkExecutor(self.policy.action_horizon, bounds or ActionSpace.bridge())
         self.version = 0
         self.last = StepInfo()
         self._embeddings: Dict[str, torch.Tensor] = {}
@@ -437,12 +439,12 @@ class Actor:
         images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
         if instruction not in self._embeddings:
             self._embeddings[instruction] = self.policy.embed([instruction])
-        action, value = parl.optimised_actions(self.policy, self.critic, images,
-                                               self._embeddings[instruction], self.models.units,
-                                               self.cfg, generator=self.generator)
-        self.last = StepInfo(self.cfg.num_samples, 0, value.float().cpu().numpy())
-        env_units = self.models.critic_space.unnormalise(action[0].float().cpu().numpy())
-        return self.executor(env_units[None].astype(np.float32))
+        choice = parl.optimised_actions(self.policy, self.critic, images,
+                                        self._embeddings[instruction], self.models.units,
+                                        self.cfg, generator=self.generator)
+        self.last = StepInfo(self.cfg.num_samples, 0, choice.value.float().cpu().numpy())
+        chunk = self.policy.action_space.unnormalise(choice.chunk[0].float().cpu().numpy())
+        return self.executor(chunk.astype(np.float32))
 
     def run_episode(self, env, instruction: str, seed: int,
                     on_step: Optional[Callable[[StepRecord], None]] = None,

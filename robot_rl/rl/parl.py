@@ -22,7 +22,7 @@ out: only the first was improved).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -56,6 +56,7 @@ class Optimised(NamedTuple):
     candidates: torch.Tensor  # (B, m, A) optimised actions, critic units, best first
     values: torch.Tensor      # (B, m) their ensemble-mean Q
     chosen: torch.Tensor      # (B,) index of the selected candidate
+    sources: torch.Tensor     # (B, m) which of the N samples each came from (-1: the dataset's)
 
 
 class UnitMap:
@@ -88,7 +89,7 @@ def optimise_actions(critic: Critic, z: torch.Tensor, candidates: torch.Tensor,
         q = critic.q(z, candidates).mean(0)                              # (B, N)
         top = q.topk(cfg.top_m, dim=1).indices
         kept = torch.gather(candidates, 1, top[..., None].expand(-1, -1, candidates.shape[-1]))
-    best, best_q = kept.clone(), torch.gather(q, 1, top)
+    best, best_q, sources = kept.clone(), torch.gather(q, 1, top), top.clone()
     actions = kept.clone()
     for _ in range(cfg.gradient_steps):  # 2. local: gradient ascent, keep the best seen
         actions.requires_grad_(True)
@@ -109,23 +110,30 @@ def optimise_actions(critic: Critic, z: torch.Tensor, candidates: torch.Tensor,
             rows = torch.arange(best.shape[0], device=best.device)
             best[rows, worst] = data_actions.to(best.dtype)
             best_q[rows, worst] = critic.q(z, data_actions[:, None].to(z.dtype)).mean(0)[:, 0]
+            sources[rows, worst] = -1
         order = best_q.argsort(dim=1, descending=True)
         best = torch.gather(best, 1, order[..., None].expand_as(best))
         best_q = torch.gather(best_q, 1, order)
+        sources = torch.gather(sources, 1, order)
         if cfg.temperature == 0:  # 3. select
             chosen = torch.zeros(best.shape[0], dtype=torch.long, device=best.device)
         else:
             probs = torch.softmax(best_q / cfg.temperature, dim=1)
             chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return Optimised(best.detach(), best_q, chosen)
+    return Optimised(best.detach(), best_q, chosen, sources)
+
+
+def sample_chunks(policy: ChunkPolicy, images: torch.Tensor, lang_emb: torch.Tensor,
+                  n: int) -> torch.Tensor:
+    """(B, n, H, A) chunks in the policy's units, from one encoding per observation."""
+    with torch.no_grad():
+        return policy.head_sample(policy.encode(images, lang_emb), n).clamp(-1.0, 1.0)
 
 
 def sample_first_actions(policy: ChunkPolicy, images: torch.Tensor, lang_emb: torch.Tensor,
                          n: int, units: UnitMap) -> torch.Tensor:
-    """(B, n, H, 7) policy chunks for a batch of observations -> first actions, critic units."""
-    with torch.no_grad():
-        chunks = policy.head_sample(policy.encode(images, lang_emb), n).clamp(-1.0, 1.0)
-    return units.to_critic(chunks[:, :, 0])
+    """(B, n, A) first actions of n sampled chunks, in the critic's units."""
+    return units.to_critic(sample_chunks(policy, images, lang_emb, n)[:, :, 0])
 
 
 def parl_sampler(policy: ChunkPolicy, critic: Critic, units: UnitMap,
@@ -140,23 +148,38 @@ def parl_sampler(policy: ChunkPolicy, critic: Critic, units: UnitMap,
     return sample
 
 
+class Choice(NamedTuple):
+    """The optimised policy's choice. chunk: the sampled chunk the action came from, its first
+    action replaced by the optimised one (the action repeated when it is the dataset's)."""
+
+    action: torch.Tensor  # (B, A) the selected optimised action, critic units
+    value: torch.Tensor   # (B,) its ensemble-mean Q
+    chunk: torch.Tensor   # (B, H, A) policy units
+
+
 def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
                       lang_emb: torch.Tensor, units: UnitMap, cfg: PARLConfig,
                       data_actions: Optional[torch.Tensor] = None,
-                      generator: Optional[torch.Generator] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-3 from observations: the selected action (B, A), critic units, and its value (B,).
+                      generator: Optional[torch.Generator] = None) -> Choice:
+    """Steps 1-3 from observations: the optimised policy's choice for each observation.
 
-    The optimised policy: what the actor executes online and what distillation imitates.
+    What the actor executes online (the chunk) and what distillation imitates (the action).
     data_actions (B, A), critic units, replace the worst candidate (distillation only).
     """
     with torch.no_grad():
         z = critic.encode(images, lang_emb)
-    candidates = sample_first_actions(policy, images, lang_emb, cfg.num_samples, units)
+    chunks = sample_chunks(policy, images, lang_emb, cfg.num_samples)
     with torch.enable_grad():
-        optimised = optimise_actions(critic, z, candidates, cfg, data_actions, generator)
+        optimised = optimise_actions(critic, z, units.to_critic(chunks[:, :, 0]), cfg,
+                                     data_actions, generator)
     rows = torch.arange(images.shape[0], device=images.device)
-    return optimised.candidates[rows, optimised.chosen], optimised.values[rows, optimised.chosen]
+    action = optimised.candidates[rows, optimised.chosen]
+    source = optimised.sources[rows, optimised.chosen]
+    first = units.to_policy(action)
+    chunk = torch.where((source >= 0)[:, None, None], chunks[rows, source.clamp(min=0)],
+                        first[:, None].expand(-1, chunks.shape[2], -1)).clone()
+    chunk[:, 0] = first
+    return Choice(action, optimised.values[rows, optimised.chosen], chunk)
 
 
 def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
@@ -167,9 +190,9 @@ def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor
 
     data_actions (B, A) are in the critic's units (a replay batch's actions).
     """
-    chosen, _ = optimised_actions(policy, critic, images, lang_emb, units, cfg, data_actions,
-                                  generator)
-    first = units.to_policy(chosen)  # (B, A)
+    choice = optimised_actions(policy, critic, images, lang_emb, units, cfg, data_actions,
+                               generator)
+    first = units.to_policy(choice.action)  # (B, A)
     horizon = policy.action_horizon
     chunks = first[:, None].expand(-1, horizon, -1).contiguous()
     mask = torch.zeros(images.shape[0], horizon, device=images.device)
