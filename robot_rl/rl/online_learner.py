@@ -12,8 +12,10 @@ and update count) is written atomically at every published version. A restarted 
 both, ignores re-delivered steps of episodes it already stored, and continues the version count,
 so actors (keep-latest) accept its next version.
 
-The update is behaviour cloning on replay (`policy.supervised_loss`), a stand-in for PA-RL on a
-Cal-QL critic until that issue lands; the interface (ingest / update / maybe_publish) stays.
+The update is behaviour cloning on replay (`policy.supervised_loss`): the learner node's quick
+smoke mode with a small online policy and no critic. PA-RL on a Cal-QL critic is
+`robot_rl.rl.finetune.Learner`, which has the same interface (ingest / ready / update /
+maybe_publish).
 """
 
 from __future__ import annotations
