@@ -96,6 +96,7 @@ def bench_actor(steps: int, with_learner: bool) -> dict:
             link = ActorLink('127.0.0.1', port, retry_s=0.5)
             timing = ft.ActorTiming()
             env = make_env(TASK, image_size=64)
+            actor.act(env.reset(seed=0)[0], TASKS[TASK].instruction)  # load the encoders first
             episodes = max(1, steps // 60)
             plan = ft.episode_plan([TASK], episodes, seed=0)
             ft.run_actor(actor, link, {TASK: env}, {TASK: TASKS[TASK].instruction}, plan,
