@@ -13,9 +13,9 @@ source="data.sources=[{path:$data,split:train,weight:1.0,labelling:dataset}]"
 # 1. 300 mixed-quality expert episodes per task at 64 px (about 57% succeed).
 "$bin/robot-rl-gen-data" expert=mixed image_size=64 episodes_per_task=300 \
     output_dir="$work/data"
-# 2. The generalist: a diffusion policy cloned from every episode, without augmentation.
-"$bin/robot-rl-train-bc" policy=diffusion data=sim "$source" device=cpu batch_size=64 \
-    steps=20000 augment.enabled=false output_dir="$work/runs" run_name=bc
+# 2. The generalist: a diffusion policy cloned from the successful episodes, no augmentation.
+"$bin/robot-rl-train-bc" policy=diffusion data=sim "$source" successes_only=true device=cpu \
+    batch_size=64 steps=20000 augment.enabled=false output_dir="$work/runs" run_name=bc
 # 3. The critic: Cal-QL (V-GPS settings) on the same data, the tiny CPU critic.
 "$bin/robot-rl-train-critic" data=sim "$source" critic=tiny device=cpu batch_size=64 \
     steps=4000 output_dir="$work/runs" run_name=critic
