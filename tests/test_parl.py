@@ -163,8 +163,14 @@ def test_the_chosen_chunk_carries_the_optimised_first_action():
     np.testing.assert_allclose(choice.chunk[:, 0], units.to_policy(choice.action), atol=1e-6)
     np.testing.assert_allclose(choice.value, QuadraticCritic().q(None, choice.action).mean(0),
                                rtol=1e-5)
-    # With the dataset action as the only candidate kept, the chunk repeats it.
-    data = torch.full((3, 7), 0.25)
-    only_data = parl.optimised_actions(policy, QuadraticCritic(), images, lang, units,
-                                       parl.PARLConfig(8, top_m=1, gradient_steps=0), data)
-    assert torch.allclose(only_data.chunk, data[:, None].expand(-1, policy.action_horizon, -1))
+    assert not choice.from_data.any()
+    # The dataset action chosen: it leads the best sampled chunk; distillation supervises
+    # only that first step.
+    data = TARGET.expand(3, 7)  # the critic's optimum: always chosen
+    with_data = parl.optimised_actions(policy, QuadraticCritic(), images, lang, units,
+                                       parl.PARLConfig(8, top_m=3, gradient_steps=0), data)
+    assert with_data.from_data.all()
+    np.testing.assert_allclose(with_data.chunk[:, 0], units.to_policy(data), atol=1e-6)
+    batch = parl.distillation_batch(policy, QuadraticCritic(), images, lang, data, units,
+                                    parl.PARLConfig(8, top_m=3, gradient_steps=0))
+    assert batch.mask[:, 0].all() and not batch.mask[:, 1:].any()

@@ -14,9 +14,8 @@ class with `sample_actions`-style sampling and a `supervised_loss` can be improv
 The critic is Cal-QL (robot_rl.rl.calql) with `parl_sampler` as its policy sampler, so its TD
 target uses Q(s', optimised action). Actions are optimised in the critic's normalised units and
 converted to the policy's units to distil: the two checkpoints may carry different normalisers.
-Chunk policies (H > 1): the critic scores and optimises the chunk's first action, and the
-distillation target is the chosen chunk with its first action replaced (the later steps masked
-out: only the first was improved).
+Chunk policies (H > 1): the critic scores and optimises the chunk's first action; the actor
+executes, and distillation imitates, the chosen sampled chunk with that first action replaced.
 """
 
 from __future__ import annotations
@@ -150,11 +149,13 @@ def parl_sampler(policy: ChunkPolicy, critic: Critic, units: UnitMap,
 
 class Choice(NamedTuple):
     """The optimised policy's choice. chunk: the sampled chunk the action came from, its first
-    action replaced by the optimised one (the action repeated when it is the dataset's)."""
+    action replaced by the optimised one; when the dataset action was chosen, the best sampled
+    chunk with the dataset action first (its later steps are the policy's, not the data's)."""
 
-    action: torch.Tensor  # (B, A) the selected optimised action, critic units
-    value: torch.Tensor   # (B,) its ensemble-mean Q
-    chunk: torch.Tensor   # (B, H, A) policy units
+    action: torch.Tensor     # (B, A) the selected optimised action, critic units
+    value: torch.Tensor      # (B,) its ensemble-mean Q
+    chunk: torch.Tensor      # (B, H, A) policy units
+    from_data: torch.Tensor  # (B,) bool: the dataset action was chosen
 
 
 def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
@@ -175,29 +176,31 @@ def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
     rows = torch.arange(images.shape[0], device=images.device)
     action = optimised.candidates[rows, optimised.chosen]
     source = optimised.sources[rows, optimised.chosen]
-    first = units.to_policy(action)
-    chunk = torch.where((source >= 0)[:, None, None], chunks[rows, source.clamp(min=0)],
-                        first[:, None].expand(-1, chunks.shape[2], -1)).clone()
-    chunk[:, 0] = first
-    return Choice(action, optimised.values[rows, optimised.chosen], chunk)
+    from_data = source < 0
+    first_sampled = (optimised.sources >= 0).int().argmax(dim=1)  # best first: the top one
+    best_sampled = optimised.sources[rows, first_sampled].clamp(min=0)
+    source = torch.where(from_data, best_sampled, source)
+    chunk = chunks[rows, source].clone()
+    chunk[:, 0] = units.to_policy(action)
+    return Choice(action, optimised.values[rows, optimised.chosen], chunk, from_data)
 
 
 def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
                        lang_emb: torch.Tensor, data_actions: torch.Tensor, units: UnitMap,
                        cfg: PARLConfig, generator: Optional[torch.Generator] = None
                        ) -> PolicyBatch:
-    """Step 4's targets: the chosen optimised action as the first step of a chunk.
+    """Step 4's targets: the chosen chunk, its first action optimised.
 
-    data_actions (B, A) are in the critic's units (a replay batch's actions).
+    The whole sampled chunk is the target, so the policy keeps seeing chunks of its own kind
+    (a chunk of one repeated action would pull it off its distribution); where the dataset
+    action was chosen only that first step is supervised. data_actions (B, A) are in the
+    critic's units (a replay batch's actions).
     """
     choice = optimised_actions(policy, critic, images, lang_emb, units, cfg, data_actions,
                                generator)
-    first = units.to_policy(choice.action)  # (B, A)
-    horizon = policy.action_horizon
-    chunks = first[:, None].expand(-1, horizon, -1).contiguous()
-    mask = torch.zeros(images.shape[0], horizon, device=images.device)
-    mask[:, 0] = 1.0
-    return PolicyBatch(images, lang_emb, chunks, mask)
+    mask = torch.ones(choice.chunk.shape[:2], device=images.device)
+    mask[choice.from_data, 1:] = 0.0
+    return PolicyBatch(images, lang_emb, choice.chunk, mask)
 
 
 def distil(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, batch: PolicyBatch,
