@@ -248,9 +248,9 @@ def run(cfg: FinetuneConfig) -> Path:
     {'sync': run_sync_mode, 'processes': run_processes_mode, 'learner': run_learner_mode,
      'actor': run_actor_mode}[cfg.mode](cfg, run_dir)
     curve = read_curve(run_dir)
-    if cfg.mode != 'learner' and curve:
+    online = [c['success'] for c in curve if not c['warmup']]
+    if cfg.mode != 'learner' and online:
         plot = plot_curves({run_dir.name: curve}, run_dir / 'curve.png', cfg.curve_window)
-        online = [c['success'] for c in curve if not c['warmup']]
         print(f'online success: first {cfg.curve_window} episodes '
               f'{np.mean(online[:cfg.curve_window]):.0%}, last {cfg.curve_window} '
               f'{np.mean(online[-cfg.curve_window:]):.0%} ({len(online)} episodes)')
