@@ -426,7 +426,7 @@ class Actor:
         return True
 
     def reset(self, seed: Optional[int] = None) -> None:
-        """A new episode (`seed` reseeds the action sampling, for paired evaluations)."""
+        """A new episode (`seed` reseeds the softmax selection, as ValueGuidedSteering does)."""
         self.policy.reset()
         self.executor.reset()
         if seed is not None:
