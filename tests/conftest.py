@@ -20,3 +20,13 @@ def bridge_debug_dir():
     if not BRIDGE_DEBUG.is_dir():
         pytest.skip(f'real Bridge sample not found at {BRIDGE_DEBUG}')
     return BRIDGE_DEBUG
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: the models are tiny and threads only contend on a shared CPU."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,12 +39,7 @@ HEADS = {'gaussian': dict(hidden_dims=(32, 32)),
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def pretrained(directory: Path, name: str = 'diffusion') -> ft.LearnerConfig:

@@ -26,12 +26,7 @@ class QuadraticCritic(nn.Module):
         return torch.stack([q, q])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def test_global_then_local_optimisation_never_loses_value():

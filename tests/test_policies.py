@@ -44,13 +44,7 @@ def observation(height=IMAGE, width=IMAGE, seed=0):
     return {IMAGE_KEY: rng.integers(0, 256, (height, width, 3), dtype=np.uint8)}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: the models are tiny and threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
