@@ -96,6 +96,12 @@ def run(make_node: Callable[[], Node], args: Optional[list] = None, threads: int
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # SIGINT shuts the context down from rclpy's signal handler; an executor caught building
+        # its wait set at that moment raises RCLError ("context is not valid"). That is a clean
+        # stop, not a failure; anything raised while the context is still valid is re-raised.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
