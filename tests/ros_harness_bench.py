@@ -43,19 +43,28 @@ class Driver:
         spin_until(self.ex, pred, timeout, what, procs)
 
 
-def bench_latency(d, tmp, env, frames, rate_hz=5.0):
+SHIPPED = Path(__file__).resolve().parents[1] / 'robot_rl' / 'checkpoints' / 'sim'
+STEERED = {'policy.checkpoint': str(SHIPPED / 'policy.safetensors'),
+           'steering.critic_checkpoint': str(SHIPPED / 'critic')}
+"""The shipped diffusion generalist steered by the shipped Cal-QL critic (V-GPS)."""
+
+
+def bench_latency(d, tmp, env, frames, rate_hz=5.0, steered=False):
     """Frames are published in lock-step (next frame after the previous action), so at 5 Hz
     each frame waits for the next control tick: latency = tick phase + inference + transport.
-    At 50 Hz the tick wait is at most 20 ms and the figure is close to the pipeline cost."""
+    At 50 Hz the tick wait is at most 20 ms and the figure is close to the pipeline cost.
+    `steered`: the shipped diffusion policy samples K = 10 chunks and the shipped critic scores
+    them (V-GPS); otherwise the tiny MLP samples K = 10 and one is taken."""
     from sensor_msgs.msg import Image
     from std_msgs.msg import Float32MultiArray, String
     from std_msgs.msg import Header
 
     from robot_rl.nodes import conversions as conv
     from robot_rl.nodes.ros_common import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
-    policy = NodeProcess('policy', {'steering.num_samples': 10, 'transitions.enabled': False,
-                                    'control_rate_hz': rate_hz}, tmp, env,
-                         name=f'policy_latency_{rate_hz:g}hz')
+    params = {'steering.num_samples': 10, 'transitions.enabled': False,
+              'control_rate_hz': rate_hz, **(STEERED if steered else {})}
+    policy = NodeProcess('policy', params, tmp, env,
+                         name=f'policy_latency_{rate_hz:g}hz{"_vgps" if steered else ""}')
     if not hasattr(d, 'pub_img'):
         d.pub_img = d.node.create_publisher(Image, 'camera/image_raw', SENSOR_QOS)
         d.pub_evt = d.node.create_publisher(String, 'events', COMMAND_QOS)
@@ -65,7 +74,7 @@ def bench_latency(d, tmp, env, frames, rate_hz=5.0):
         d.node.create_subscription(Float32MultiArray, 'action',
                                    lambda m: d.got.append(time.perf_counter()), COMMAND_QOS)
     pub_img, pub_evt, got = d.pub_img, d.pub_evt, d.got
-    d.spin(lambda: pub_img.get_subscription_count() > 0, 60, 'policy start', [policy])
+    d.spin(lambda: pub_img.get_subscription_count() > 0, 90, 'policy start', [policy])
     rgb = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     latencies, lost = [], 0
     for i in range(frames + 5):
@@ -86,7 +95,7 @@ def bench_latency(d, tmp, env, frames, rate_hz=5.0):
             latencies.append(got[-1] - sent)
     policy.stop()
     ms = np.array(latencies) * 1e3
-    return {'frames': len(ms), 'frames_without_action': lost,
+    return {'frames': len(ms), 'frames_without_action': lost, 'steered': steered,
             'p50_ms': float(np.percentile(ms, 50)),
             'p99_ms': float(np.percentile(ms, 99)), 'control_rate_hz': rate_hz}
 
@@ -156,10 +165,12 @@ def bench_ingest(d, tmp, env, batches=300, steps=4):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--frames', type=int, default=100)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--frames', type=int, default=100, help='frames per latency run')
     parser.add_argument('--parts', nargs='+', default=['latency', 'weights', 'ingest'],
-                        choices=['latency', 'weights', 'ingest'])
+                        choices=['latency', 'steered', 'weights', 'ingest'],
+                        help='latency: tiny MLP, K = 10 sampled; steered: the shipped '
+                             'diffusion policy + Cal-QL critic, V-GPS at K = 10')
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     domain = unique_domain_id()
@@ -172,6 +183,11 @@ def main():
         print(json.dumps(results['latency_k10_50hz']), flush=True)
         results['latency_k10_5hz'] = bench_latency(d, tmp, env, args.frames, 5.0)
         print(json.dumps(results['latency_k10_5hz']), flush=True)
+    if 'steered' in args.parts:
+        for rate in (50.0, 5.0):
+            key = f'latency_vgps_k10_{rate:g}hz'
+            results[key] = bench_latency(d, tmp, env, args.frames, rate, steered=True)
+            print(json.dumps(results[key]), flush=True)
     if 'weights' in args.parts:
         for dtype in ('float32', 'float16'):
             results[f'weights_25m_{dtype}'] = bench_weights(d, tmp, env, dtype=dtype)
