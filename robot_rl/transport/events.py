@@ -99,9 +99,10 @@ class ActorTracker:
         return out
 
     def acted(self, image: np.ndarray, event: StepEvent, action: np.ndarray,
-              version: int) -> None:
+              version: int, intervention: bool = False) -> None:
+        """`action` was sent from `event`'s observation; `intervention`: a person's action."""
         self._pending = StepRecord(step=event.step, image=image, state=event.state,
                                    action=np.asarray(action, np.float32), reward=0.0,
                                    is_first=event.step == 0, is_last=False, is_terminal=False,
-                                   policy_version=version)
+                                   policy_version=version, intervention=intervention)
         self._pending_episode = event.episode

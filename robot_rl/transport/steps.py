@@ -14,6 +14,8 @@ Schema 'robot_rl.steps/1' (N steps, one episode):
     flags           uint8 (N, 3)          is_first, is_last, is_terminal
     step_index      int64 (N,)            t within the episode, strictly increasing
     policy_version  int64 (N,)
+    interventions   uint8 (N,)            optional: 1 = a person's action (teleoperation), stored
+                                          as executed; absent (older actors) = all 0
     meta: actor (str), episode (int >= 0), instruction (non-empty str), image_format
           ('jpeg' | 'png'), image_shape [H, W, 3]
 """
@@ -47,6 +49,8 @@ class StepRecord:
     is_last: bool
     is_terminal: bool
     policy_version: int = 0
+    intervention: bool = False
+    """The action was a person's (teleoperation), not the policy's."""
 
 
 @dataclasses.dataclass
@@ -100,6 +104,7 @@ def encode_steps(steps: Sequence[StepRecord], *, actor: str, episode: int, instr
         'flags': np.array([[s.is_first, s.is_last, s.is_terminal] for s in steps], np.uint8),
         'step_index': np.array([s.step for s in steps], np.int64),
         'policy_version': np.array([s.policy_version for s in steps], np.int64),
+        'interventions': np.array([s.intervention for s in steps], np.uint8),
     }
     meta = {'actor': actor, 'episode': int(episode), 'instruction': instruction,
             'image_format': image_format, 'image_shape': list(steps[0].image.shape)}
@@ -114,11 +119,14 @@ def decode_steps(data: bytes) -> StepBatch:
     images = [decode_image(a['images_encoded'][offsets[i]:offsets[i + 1]], meta['image_shape'])
               for i in range(len(offsets) - 1)]
     flags = a['flags'].astype(bool)
+    interventions = a['interventions'].astype(bool) if 'interventions' in a else \
+        np.zeros(len(images), bool)
     steps = [StepRecord(step=int(a['step_index'][i]), image=images[i],
                         state=a['states'][i].copy(), action=a['actions'][i].copy(),
                         reward=float(a['rewards'][i]), is_first=bool(flags[i, 0]),
                         is_last=bool(flags[i, 1]), is_terminal=bool(flags[i, 2]),
-                        policy_version=int(a['policy_version'][i]))
+                        policy_version=int(a['policy_version'][i]),
+                        intervention=bool(interventions[i]))
              for i in range(len(images))]
     return StepBatch(actor=meta['actor'], episode=meta['episode'],
                      instruction=meta['instruction'], seq=env.number, steps=steps)
@@ -147,6 +155,9 @@ def _check_steps(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> N
         raise EnvelopeError('step_index must be non-negative and strictly increasing')
     if arrays['flags'].max() > 1:
         raise EnvelopeError('flags must be 0 or 1')
+    if 'interventions' in arrays:
+        if require(arrays, 'interventions', np.uint8, (n,)).max() > 1:
+            raise EnvelopeError('interventions must be 0 or 1')
 
 
 def _check_steps_meta(meta: Mapping[str, Any]) -> None:
