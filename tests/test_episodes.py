@@ -344,3 +344,16 @@ def test_intervention_indices_out_of_range_are_rejected():
     episode.metadata[INTERVENTION_STEPS] = [2]
     with pytest.raises(ValueError, match=r'\[2\] are not steps that start a transition'):
         intervention_segments(episode)
+
+
+def test_label_messages_parse_or_say_what_is_wrong():
+    from robot_rl.episodes.manager import LabelMessage, parse_label
+    assert parse_label('{"success": true}') == LabelMessage(True, None, 'topic')
+    assert parse_label('{"success": false, "episode": 3, "source": "pedal"}') == LabelMessage(
+        False, 3, 'pedal')
+    for text, reason in (('yes', 'not JSON'), ('[true]', 'JSON object'),
+                         ('{"success": 1}', 'success must be true or false'),
+                         ('{"success": true, "episode": "2"}', 'episode must be an integer'),
+                         ('{"success": true, "source": ""}', 'source must be a non-empty')):
+        with pytest.raises(LabelRejected, match=reason):
+            parse_label(text)

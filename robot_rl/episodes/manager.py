@@ -263,3 +263,31 @@ class EpisodeManager:
         return {'phase': self.phase, 'episode': self.episode, 'step': self.steps,
                 'instruction': self.instruction, 'awaiting_label': self.awaiting_label,
                 'message': self.message}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMessage:
+    success: bool
+    episode: Optional[int]
+    source: str
+
+
+def parse_label(text: str, default_source: str = 'topic') -> LabelMessage:
+    """A label message, JSON {"success": bool, "episode": int (optional), "source": str
+    (optional)}; LabelRejected names what is wrong with it."""
+    import json
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LabelRejected(f'label is not JSON: {exc}') from exc
+    if not isinstance(d, dict):
+        raise LabelRejected('label must be a JSON object with "success" (and "episode")')
+    if not isinstance(d.get('success'), bool):
+        raise LabelRejected(f'label.success must be true or false, got {d.get("success")!r}')
+    episode = d.get('episode')
+    if episode is not None and (not isinstance(episode, int) or isinstance(episode, bool)):
+        raise LabelRejected(f'label.episode must be an integer, got {episode!r}')
+    source = d.get('source', default_source)
+    if not isinstance(source, str) or not source.strip():
+        raise LabelRejected('label.source must be a non-empty string')
+    return LabelMessage(d['success'], episode, source.strip())

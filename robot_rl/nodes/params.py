@@ -68,6 +68,9 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
           'restarted learners (reliable, transient local).', 1, 100000, read_only=True),
         P('transitions.image_format', 'jpeg', 'Frame encoding on the wire: jpeg or png.'),
         P('default_instruction', '', 'Instruction used until one arrives on the topic.'),
+        P('teleop_timeout_s', 0.5, 'While a person has taken over, a teleop device silent for '
+          'longer than this is lost: the arm holds (never back to the policy on its own).',
+          0.05, 10.0),
     ],
     'learner': _HYDRA + _POLICY_MODEL + [
         P('replay_dir', 'learner/replay', 'On-disk replay buffer directory.', read_only=True),
@@ -120,6 +123,26 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
           'lower bounds [x, y, z (m), roll, pitch, yaw (rad)].', read_only=True),
         P('workspace_high', [0.45, 0.25, 0.25, 0.8, 0.8, 2.0], 'End-effector target upper '
           'bounds.', read_only=True),
+    ],
+    'episode_manager': [
+        P('instruction', '', 'Instruction published on the instruction topic for every episode '
+          '(empty = use the one heard on that topic, e.g. the one the sim publishes).'),
+        P('max_episode_steps', 60, 'End an episode unlabelled after this many executed steps '
+          '(0 = no limit); a late label may follow.', 0, 100000),
+        P('late_label_window_s', 10.0, 'How long after an unlabelled end a label still applies '
+          '(s); after it the episode closes as a failure.', 0.0, 3600.0),
+        P('reset_timeout_s', 20.0, 'The reset routine (arm to its home pose) fails after this '
+          'long (s).', 0.1, 600.0),
+        P('reset_service', 'reset', 'std_srvs/Trigger service that brings the scene and arm '
+          'home before each episode (the sim provides "reset"); empty = no routine.'),
+        P('auto_start', False, 'Start the next episode as soon as one ends.'),
+        P('keyboard', True, 'Read keys from stdin when it is a terminal (run it in its own '
+          'SSH session or tmux pane); the episode/command topic works either way.'),
+        P('control_rate_hz', 5.0, 'Rate of keyboard teleop actions and status updates (Hz).',
+          0.5, 50.0),
+        P('teleop.step_m', 0.01, 'Keyboard teleop: translation per key press (m).', 0.001,
+          0.05),
+        P('teleop.step_rad', 0.1, 'Keyboard teleop: yaw per key press (rad).', 0.01, 0.25),
     ],
     'camera': [
         P('device', '0', 'OpenCV capture source: a device index ("0") or a path/URL.',

@@ -7,6 +7,14 @@ Subscribes:
     events             std_msgs/String JSON step events (COMMAND_QOS): state, reward, done
     weights            std_msgs/UInt8MultiArray weight envelope (LATCHED_QOS); the callback
                        keeps the latest, a timer verifies and loads it (older versions dropped)
+    estop              std_msgs/Bool (LATCHED_QOS): nothing is sent while true, and the queued
+                       chunk (temporal ensembling) is dropped
+    intervention       std_msgs/Bool (LATCHED_QOS): a person has taken over
+    teleop/action      std_msgs/Float32MultiArray, the person's device (one delta per step)
+    episode/state      std_msgs/String JSON (LATCHED_QOS) from the episode manager: once one
+                       arrives, episodes are the manager's (robot_rl.episodes.overlay): actions
+                       only while one runs, steps renumbered, rewards from its labels
+    episode/result     std_msgs/String JSON: an episode's label closes its transitions
 Publishes:
     action             std_msgs/Float32MultiArray, 7-d, checked and clipped (COMMAND_QOS)
     transitions        std_msgs/UInt8MultiArray step-batch envelopes (reliable, transient
@@ -19,6 +27,8 @@ scored by the critic in steering.critic_checkpoint (V-GPS); without a critic one
 taken at random, which is the policy's own distribution. Chosen chunks go through the temporal
 ensembler and sticky gripper; candidates that are malformed are dropped, and with none left the
 node sends a hold action (zero motion, gripper unchanged) instead of failing the control loop.
+Who acts (robot_rl.episodes.arbiter): e-stop > teleoperation > hold (device lost while taken
+over) > policy. A person's action is sent and stored as executed, flagged as an intervention.
 """
 
 from __future__ import annotations
@@ -26,16 +36,19 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from typing import Optional
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import Image
-from std_msgs.msg import Float32MultiArray, Int64, String, UInt8MultiArray
+from std_msgs.msg import Bool, Float32MultiArray, Int64, String, UInt8MultiArray
 
 from policies.common import CHECKPOINT_FORMAT as POLICY_FORMAT, load_policy
 from policies.scripted import make_policy
+from robot_rl.episodes.arbiter import ActionArbiter, ESTOP
+from robot_rl.episodes.overlay import EpisodeOverlay, parse_result, parse_state
 from robot_rl.models.checkpoint import read_checkpoint
 from robot_rl.nodes import conversions as conv
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
@@ -71,6 +84,11 @@ class PolicyNode(Node):
         self.last_stamp = -1
         self.tracker = ActorTracker()
         self.outbox, self.outbox_episode, self.seq = [], None, 0
+        self.arbiter = ActionArbiter(self.p['teleop_timeout_s'], self.space)
+        self.arbiter_lock = threading.Lock()
+        self.overlay = EpisodeOverlay()
+        self.manager_inbox = collections.deque()  # ('state' | 'result', JSON text)
+        self.drop_queue = False
         self.pub_action = self.create_publisher(Float32MultiArray, 'action', COMMAND_QOS)
         self.pub_transitions = self.create_publisher(
             UInt8MultiArray, 'transitions', history_qos(self.p['transitions.history_depth']))
@@ -79,6 +97,15 @@ class PolicyNode(Node):
         self.create_subscription(String, 'instruction', self.on_instruction, LATCHED_QOS)
         self.create_subscription(String, 'events', self.on_event, COMMAND_QOS)
         self.create_subscription(UInt8MultiArray, 'weights', self.on_weights, LATCHED_QOS)
+        self.create_subscription(Bool, 'estop', self.on_estop, LATCHED_QOS)
+        self.create_subscription(Bool, 'intervention', self.on_intervention, LATCHED_QOS)
+        self.create_subscription(Float32MultiArray, 'teleop/action', self.on_teleop, COMMAND_QOS)
+        self.create_subscription(String, 'episode/state',
+                                 lambda m: self.manager_inbox.append(('state', m.data)),
+                                 LATCHED_QOS)
+        self.create_subscription(String, 'episode/result',
+                                 lambda m: self.manager_inbox.append(('result', m.data)),
+                                 history_qos(100))
         self.create_timer(1.0 / self.p['control_rate_hz'], self.on_control_tick,
                           callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(0.05, self.on_weights_tick,
@@ -117,6 +144,25 @@ class PolicyNode(Node):
 
     def on_weights(self, msg: UInt8MultiArray) -> None:
         self.latest_weights = msg
+
+    def on_estop(self, msg: Bool) -> None:
+        with self.arbiter_lock:
+            self.arbiter.set_estop(msg.data)
+            self.drop_queue = self.drop_queue or bool(msg.data)
+        self.get_logger().warn(f'e-stop {"engaged: sending nothing" if msg.data else "released"}')
+
+    def on_intervention(self, msg: Bool) -> None:
+        with self.arbiter_lock:
+            self.arbiter.set_intervention(msg.data)
+        self.get_logger().info('intervention: ' + ('a person has taken over' if msg.data
+                                                   else 'back to the policy'))
+
+    def on_teleop(self, msg: Float32MultiArray) -> None:
+        try:
+            with self.arbiter_lock:
+                self.arbiter.teleop(msg.data, time.monotonic())
+        except ValueError as exc:
+            self.get_logger().error(f'teleop action dropped: {exc}')
 
     # ------------------------------------------------------------------ timers: act
 
@@ -162,10 +208,14 @@ class PolicyNode(Node):
         self.policy.load_state_dict(parts['policy'])
 
     def on_control_tick(self) -> None:
-        self.close_episodes()
+        self.take_manager_messages()
+        if not self.overlay.managed:
+            self.close_episodes()
         msg = self.latest_image
         if msg is None or not self.instruction:
             return
+        if self.overlay.managed and not self.overlay.state.running:
+            return  # no managed episode runs: keep the frame for when one starts
         self.latest_image = None if msg is self.latest_image else self.latest_image
         try:
             image = conv.image_to_rgb(msg)
@@ -177,18 +227,72 @@ class PolicyNode(Node):
             return  # no new frame since the last action
         self.last_stamp = stamp
         event = self.events.get(stamp)
-        if event is not None:
-            if event.done:
-                return  # the episode's final frame: nothing to act on
+        if event is not None and event.done and not self.overlay.managed:
+            return  # the episode's final frame: nothing to act on
+        if event is not None and not self.overlay.managed:
             self.queue_steps(self.tracker.observe(image, event), event.episode)
-        state = event.state if event is not None else (
-            self.last_event.state if self.last_event else np.zeros(STATE_DIM, np.float32))
-        action = self.act(image, state)
+        state = event.state if event is not None else self.robot_state()
+        decision = self.decide()
+        if decision.source == ESTOP:
+            return
+        action = decision.action if decision.action is not None else self.act(image, state)
         if action is None:
             return
+        with self.arbiter_lock:
+            if self.arbiter.estop:
+                return  # the e-stop came while the policy ran: it wins over this action
+            self.arbiter.sent(action)
+        if self.overlay.managed:  # a managed step exists only once its action is sent
+            event = self.overlay.rewrite(stamp, state)
+            if event is not None:
+                self.queue_steps(self.tracker.observe(image, event), event.episode)
         self.pub_action.publish(conv.floats_to_multiarray(Float32MultiArray, action))
         if event is not None:
-            self.tracker.acted(image, event, action, self.version)
+            self.tracker.acted(image, event, action, self.version, decision.intervention)
+
+    def decide(self):
+        """The arbiter's decision; after an e-stop the queued chunk is dropped first."""
+        with self.arbiter_lock:
+            decision = self.arbiter.decide(time.monotonic())
+            drop, self.drop_queue = self.drop_queue, False
+        if drop:
+            with self.lock:
+                self.steering.reset()
+        return decision
+
+    def robot_state(self) -> np.ndarray:
+        return self.last_event.state if self.last_event else np.zeros(STATE_DIM, np.float32)
+
+    def take_manager_messages(self) -> None:
+        """Apply the episode manager's states and results in arrival order."""
+        while self.manager_inbox:
+            kind, text = self.manager_inbox.popleft()
+            try:
+                if kind == 'state':
+                    stopped = self.overlay.on_state(parse_state(text))
+                    if stopped is not None:
+                        self.end_managed_episode(stopped)
+                else:
+                    result = parse_result(text)
+                    self.queue_steps(self.overlay.close(result), result.episode)
+            except ValueError as exc:
+                self.get_logger().error(f'episode manager message dropped: {exc}')
+
+    def end_managed_episode(self, episode: int) -> None:
+        """The manager ended `episode`: its last frame closes it, held until its label."""
+        with self.lock:
+            self.steering.reset()
+        if not self.images:
+            return
+        stamp, msg = next(reversed(self.images.items()))
+        try:
+            image = conv.image_to_rgb(msg)
+        except ValueError as exc:
+            self.get_logger().error(f'image dropped: {exc}')
+            return
+        final = self.overlay.final_event(episode, stamp, self.robot_state())
+        self.queue_steps(self.overlay.hold(episode, self.tracker.observe(image, final)),
+                         episode)
 
     def close_episodes(self) -> None:
         """Emit the final step of every episode whose last event and frame have arrived (the
