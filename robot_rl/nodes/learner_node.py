@@ -6,7 +6,7 @@ Subscribes:
 Publishes:
     weights         std_msgs/UInt8MultiArray weight envelope (reliable, transient local, depth 1)
     learner/status  std_msgs/String JSON {steps_received, episodes, transitions, version,
-                    updates, dropped} once a second (COMMAND_QOS)
+                    updates, dropped, intervention_transitions} once a second (COMMAND_QOS)
 The subscription callback only queues bytes; a timer in its own callback group decodes
 (bad envelopes are logged and dropped), stores episodes, updates and publishes. Checkpoints and
 replay live on disk; restarting resumes from them.
@@ -128,7 +128,10 @@ class LearnerNode(Node):
             'steps_received': lr.steps_received, 'episodes': len(lr.replay),
             'transitions': lr.replay.num_transitions, 'version': lr.version,
             'updates': lr.updates, 'dropped': self.dropped,
-            'duplicates': lr.assembler.duplicates})))
+            'duplicates': lr.assembler.duplicates,
+            # PA-RL keeps a person's teleoperated steps as their own source (intervention_ratio)
+            'intervention_transitions': (lr.interventions.num_transitions
+                                         if hasattr(lr, 'interventions') else 0)})))
 
 
 def main(args=None):

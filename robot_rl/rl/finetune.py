@@ -12,7 +12,9 @@ Pre-trained in: a behaviour-cloned policy (robot-rl-train-bc) and a Cal-QL criti
 
 Batches mix offline data and online data (`offline_ratio`, 0.5 by default); `offline_ratio=0`
 with `warmup_episodes` > 0 is WSRL (the warm-up rollouts seed the online buffer, no offline
-data is kept). Optimiser states are fresh at the offline -> online switch.
+data is kept). Steps a person teleoperated (interventions, robot_rl.episodes) stay in the online
+data and are also kept as their own source, `intervention_ratio` of every batch (HIL-SERL).
+Optimiser states are fresh at the offline -> online switch.
 
 Two schedules over the same `Learner` and `Actor`:
 - `run_sync`: one process alternates 1 and 2-3 (the published loop; deterministic; the demo);
@@ -39,6 +41,7 @@ import torch
 
 from policies.common import ChunkPolicy, load_policy, save_policy
 from robot_rl.data.replay import MixedSampler, ReplayBuffer
+from robot_rl.episodes.interventions import intervention_segments, step_metadata
 from robot_rl.models import checkpoint
 from robot_rl.models.critic import Critic, load_critic, save_critic
 from robot_rl.rl import learner as common
@@ -83,6 +86,10 @@ class LearnerConfig:
     offline: List[OfflineSource] = dataclasses.field(default_factory=list)
     offline_ratio: float = 0.5
     """Share of every batch drawn from offline data (0: online only, the WSRL variant)."""
+    intervention_ratio: float = 0.0
+    """Share of every batch drawn from intervention steps (a person's teleoperated actions,
+    rebuilt from the online replay's episodes at start); 0 = they count only as online data.
+    Until the first intervention arrives, the other sources share this weight."""
     warmup_episodes: int = 0
     """Episodes collected before the first update (seed the online buffer; WSRL)."""
     updates_per_step: float = 1.0
@@ -108,6 +115,9 @@ class LearnerConfig:
             (self.offline_ratio == 0.0 or bool(self.offline),
              'offline data when offline_ratio > 0'),
             (self.offline_ratio < 1.0, 'offline_ratio < 1 (online data must be used)'),
+            (0.0 <= self.intervention_ratio < 1.0
+             and self.offline_ratio + self.intervention_ratio < 1.0,
+             'intervention_ratio in [0, 1) with offline_ratio + intervention_ratio < 1'),
             (self.warmup_episodes >= 0, 'warmup_episodes >= 0'),
             (self.updates_per_step > 0, 'updates_per_step > 0'),
             (min(self.batch_size, self.publish_every, self.checkpoint_every) >= 1,
@@ -186,11 +196,17 @@ class Learner:
                                        device)
         self.rng = np.random.default_rng(seed)
         self.online = ReplayBuffer(self.run_dir / 'replay', gamma=cfg.algo.gamma)
+        # In memory, derived from the online episodes (their metadata lists the steps).
+        self.interventions = ReplayBuffer(gamma=cfg.algo.gamma)
+        for episode in self.online.episodes():
+            self._add_interventions(episode)
         self._warmup_transitions: Optional[int] = None
         self.offline = self._read_offline()
-        sources = [(self.online, 1.0 - cfg.offline_ratio)]
+        sources = [(self.online, 1.0 - cfg.offline_ratio - cfg.intervention_ratio)]
         if self.offline is not None:
             sources.append((self.offline, cfg.offline_ratio))
+        if cfg.intervention_ratio > 0:
+            sources.append((self.interventions, cfg.intervention_ratio))
         self.sampler = MixedSampler(sources)
         self.assembler = EpisodeAssembler({(e.metadata.get('actor'), e.metadata.get('episode'))
                                            for e in self.online.episodes()})
@@ -246,15 +262,22 @@ class Learner:
         self.steps_received += len(batch.steps)
         for (actor, episode), instruction, steps in self.assembler.add(batch):
             meta = {'actor': actor, 'episode': episode, 'units': 'critic-normalised',
-                    'policy_versions': sorted({s.policy_version for s in steps})}
-            raw = records_to_episode(instruction, steps, meta)
+                    'policy_versions': sorted({s.policy_version for s in steps}),
+                    **step_metadata(steps)}
+            raw = common.normalise_actions(records_to_episode(instruction, steps, meta),
+                                           self.space)
             try:
-                stored.append(self.online.add_episode(common.normalise_actions(raw, self.space)))
+                stored.append(self.online.add_episode(raw))
             except OSError as err:
                 raise LearnerStopped(f'cannot write episode to {self.online.directory}: {err}; '
                                      'the actor keeps it until this is fixed') from err
+            self._add_interventions(stored[-1])
             self._log_episode(stored[-1])
         return stored
+
+    def _add_interventions(self, episode: Episode) -> None:
+        for segment in intervention_segments(episode):
+            self.interventions.add_episode(segment)
 
     @property
     def replay(self) -> ReplayBuffer:
