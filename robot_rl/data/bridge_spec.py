@@ -21,11 +21,14 @@ before MuJoCo's first render crashes the process (its LLVM symbols clash with Me
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from robot_rl.types import ACTION_DIM, STATE_DIM
+
+FeatureSpec = Tuple[str, Tuple[Optional[int], ...], Any]
+"""(feature kind 'Image' | 'Tensor' | 'Text', shape with None for any size, numpy dtype)."""
 
 STEPS = 'steps'
 EPISODE_METADATA = 'episode_metadata'
@@ -46,7 +49,7 @@ MC_RETURN = 'mc_return'
 IMAGE_FORMATS = ('jpeg', 'png')
 
 # Step feature path -> (feature kind, shape, dtype); None in a shape matches any size.
-REQUIRED_STEP_FEATURES = {
+REQUIRED_STEP_FEATURES: Mapping[str, FeatureSpec] = {
     IMAGE: ('Image', (None, None, 3), np.uint8),
     STATE: ('Tensor', (STATE_DIM,), np.float32),
     ACTION: ('Tensor', (ACTION_DIM,), np.float32),
@@ -57,7 +60,7 @@ REQUIRED_STEP_FEATURES = {
     IS_TERMINAL: ('Tensor', (), np.bool_),
     LANGUAGE: ('Text', (), np.object_),
 }
-OPTIONAL_STEP_FEATURES = {
+OPTIONAL_STEP_FEATURES: Mapping[str, FeatureSpec] = {
     MC_RETURN: ('Tensor', (), np.float32),
 }
 
@@ -118,23 +121,29 @@ def step_feature(features, path: str):
     return node
 
 
-def check_features(features, source: str) -> None:
+def check_features(features, source: str,
+                   required: Mapping[str, FeatureSpec] = REQUIRED_STEP_FEATURES,
+                   optional: Mapping[str, FeatureSpec] = OPTIONAL_STEP_FEATURES,
+                   layout: str = 'bridge') -> None:
     """Raise ValueError naming every required step feature that is missing or mis-specified.
 
     features: a tfds FeaturesDict (builder.info.features); source names the dataset in messages.
+    required / optional: the layout's step features (robot_rl.data.layouts); optional ones are
+    checked only where present. Messages name the source and the layout.
     """
     _, tfds = import_tf()
+    where = f'{source} (layout {layout!r})'
     steps = features[STEPS] if STEPS in features.keys() else None
     if not isinstance(steps, tfds.features.Dataset):
-        raise ValueError(f'{source}: missing required feature {STEPS!r} (an RLDS nested '
+        raise ValueError(f'{where}: missing required feature {STEPS!r} (an RLDS nested '
                          f'Dataset of steps); features: {sorted(features.keys())}')
     problems = []
-    for path, spec in REQUIRED_STEP_FEATURES.items():
+    for path, spec in required.items():
         problems += _problems(step_feature(features, path), path, spec, required=True)
-    for path, spec in OPTIONAL_STEP_FEATURES.items():
+    for path, spec in optional.items():
         problems += _problems(step_feature(features, path), path, spec, required=False)
     if problems:
-        raise ValueError(f'{source}: ' + '; '.join(problems))
+        raise ValueError(f'{where}: ' + '; '.join(problems))
 
 
 def _problems(feature, path: str, spec, required: bool) -> List[str]:
@@ -147,6 +156,9 @@ def _problems(feature, path: str, spec, required: bool) -> List[str]:
     _, tfds = import_tf()
     cls = {'Image': tfds.features.Image, 'Text': tfds.features.Text,
            'Tensor': tfds.features.Tensor}[kind]
+    if isinstance(feature, tfds.features.FeaturesDict):  # e.g. RT-1's dictionary action
+        return [f'feature {name} is a FeaturesDict with keys {sorted(feature.keys())}, '
+                f'expected {_describe(kind, shape, dtype)}']
     actual = _describe(type(feature).__name__, feature.shape, feature.np_dtype)
     if (not isinstance(feature, cls) or not _shape_matches(feature.shape, shape)
             or np.dtype(feature.np_dtype) != np.dtype(dtype)):

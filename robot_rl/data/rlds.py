@@ -1,15 +1,18 @@
-"""Read and write RLDS episodes as TFDS dataset directories in the Bridge step layout.
+"""Read and write RLDS episodes as TFDS dataset directories; we write the Bridge step layout.
 
 A dataset directory is `<data_dir>/<name>/<version>/`: TFRecord shards named
 `<name>-<split>.tfrecord-<i>-of-<n>` plus dataset_info.json and features.json, so
 `tfds.builder_from_directory` reads it. bridge_spec lists the step features.
 
     write_dataset({'train': episodes, 'val': more}, data_dir) -> the version directory
+    write_examples({'train': examples}, features, data_dir, name=...)  any FeaturesDict
     iter_episodes(directory, split)        one Episode per record, in file order
     iter_steps(directory, split, ...)      batches of decoded steps for training (parallel tf.data)
-    compute_action_stats(directory, split) per-dimension action statistics, cached as JSON
+    compute_dataset_stats(directory, split) action and state statistics, cached as JSON
 
-Every reader checks the directory first (check_dataset): the required step features with their
+Every reader takes `layout` (robot_rl.data.layouts: 'bridge', the default, or 'fractal', ...):
+the dataset's step features are standardised to the common step format as they are read.
+Every reader checks the directory first (check_dataset): the layout's step features with their
 shapes and dtypes, then every shard file dataset_info.json lists, counting its records against
 shardLengths. A bad directory raises ValueError naming the feature or the file before any data
 is returned. Directories are local paths. TensorFlow is imported lazily (bridge_spec.import_tf).
@@ -32,27 +35,18 @@ import numpy as np
 
 from robot_rl.data import bridge_spec as spec
 from robot_rl.data.bridge_spec import import_tf
+from robot_rl.data.layouts import get_layout, Layout, lookup
 from robot_rl.types import ACTION_DIM, Episode, IMAGE_KEY, STATE_KEY
 
 PathLike = Union[str, os.PathLike]
+LayoutLike = Union[str, Layout]
 
 DEFAULT_NAME = 'robot_rl_episodes'
 DEFAULT_VERSION = '1.0.0'
 DEFAULT_SHARD_BYTES = 128 * 2 ** 20
 STATS_FILE = 'action_stats.json'
+"""Statistics cache beside the data: {split: {size key, layout, 'stats', 'state_stats'}}."""
 
-# Keys of the step batches iter_steps yields -> their step feature paths.
-STEP_FIELDS = {
-    IMAGE_KEY: spec.IMAGE,
-    STATE_KEY: spec.STATE,
-    'action': spec.ACTION,
-    'reward': spec.REWARD,
-    'discount': spec.DISCOUNT,
-    'is_first': spec.IS_FIRST,
-    'is_last': spec.IS_LAST,
-    'is_terminal': spec.IS_TERMINAL,
-    'language_instruction': spec.LANGUAGE,
-}
 MC_RETURN_KEY = 'mc_return'
 IS_LAST_ADDED = 'is_last_added'
 """Episode.metadata key set (True) where the reader marked a clipped record's final step."""
@@ -88,6 +82,28 @@ def write_dataset(splits: Mapping[str, Iterable[Episode]], data_dir: PathLike, *
     Raises FileExistsError when the target exists and overwrite is False.
     """
     _check_write_args(splits, name, version, image_format, jpeg_quality)
+    return _write(splits, _EpisodeEncoder(image_format, jpeg_quality), data_dir, name,
+                  version, max_shard_bytes, overwrite, description)
+
+
+def write_examples(splits: Mapping[str, Iterable[Mapping[str, Any]]], features,
+                   data_dir: PathLike, *, name: str, version: str = DEFAULT_VERSION,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                   description: str = '') -> Path:
+    """write_dataset for records of any layout: each example is a nested dict of numpy values
+    that `features` (a tfds FeaturesDict, e.g. layouts.fractal_features()) serialises.
+
+    TFDS's own encoders check every value against the features; a mismatch raises ValueError
+    naming the split and the example.
+    """
+    _check_write_args(splits, name, version, 'png', 0)
+    return _write(splits, _ExampleEncoder(features), data_dir, name, version, max_shard_bytes,
+                  overwrite, description)
+
+
+def _write(splits, encoder, data_dir: PathLike, name: str, version: str, max_shard_bytes: int,
+           overwrite: bool, description: str) -> Path:
+    """Shards and metadata into a hidden directory, renamed to <data_dir>/<name>/<version>."""
     target = Path(data_dir) / name / version
     if target.exists() and not overwrite:
         raise FileExistsError(f'{target} exists; pass overwrite=True to replace it')
@@ -95,7 +111,6 @@ def write_dataset(splits: Mapping[str, Iterable[Episode]], data_dir: PathLike, *
     tmp = target.parent / f'.{version}.tmp-{uuid.uuid4().hex}'
     tmp.mkdir()
     try:
-        encoder = _EpisodeEncoder(image_format, jpeg_quality)
         infos = [_write_split(tmp, name, split, episodes, encoder, max_shard_bytes)
                  for split, episodes in splits.items()]
         _, tfds = import_tf()
@@ -177,6 +192,19 @@ class _EpisodeEncoder:
         return buffer.tobytes()
 
 
+class _ExampleEncoder:
+    """Nested dict of values -> serialised tf.train.Example with fixed features."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def encode(self, example: Mapping[str, Any]) -> bytes:
+        try:
+            return self.features.serialize_example(example)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f'example does not match the features: {e}') from e
+
+
 def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
     """{'observation/state': x} -> {'observation': {'state': x}}."""
     nested: Dict[str, Any] = {}
@@ -189,8 +217,8 @@ def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
     return nested
 
 
-def _write_split(directory: Path, name: str, split: str, episodes: Iterable[Episode],
-                 encoder: _EpisodeEncoder, max_shard_bytes: int):
+def _write_split(directory: Path, name: str, split: str, episodes: Iterable[Any],
+                 encoder, max_shard_bytes: int):
     """Stream one split's episodes into shard files; return its tfds SplitInfo."""
     tf, tfds = import_tf()
     lengths: List[int] = []
@@ -245,11 +273,12 @@ def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
 
 # ------------------------------------------------------------------------------------ checks
 
-def check_dataset(directory: PathLike, split: str = 'train'):
+def check_dataset(directory: PathLike, split: str = 'train', layout: LayoutLike = 'bridge'):
     """Open a dataset directory for reading `split`, or raise ValueError saying what is wrong.
 
     Checked before any record is decoded: dataset_info.json and features.json exist; the
-    required step features (bridge_spec) have the right kind, shape and dtype; `split` exists;
+    layout's step features (robot_rl.data.layouts; the message names the dataset directory,
+    the layout and each bad feature) have the right kind, shape and dtype; `split` exists;
     every shard file of the split exists and holds exactly its shardLengths records (a cut or
     truncated file fails here, by name). Returns the tfds builder (builder_from_directory).
     """
@@ -260,7 +289,7 @@ def check_dataset(directory: PathLike, split: str = 'train'):
             raise ValueError(f'{directory} is not a TFDS dataset directory: {required} is '
                              'missing')
     builder = tfds.builder_from_directory(os.fspath(directory))
-    spec.check_features(builder.info.features, os.fspath(directory))
+    get_layout(layout).check(builder.info.features, os.fspath(directory))
     if split not in builder.info.splits:
         raise ValueError(f'{directory} has no split {split!r}; it has '
                          f'{sorted(builder.info.splits)}')
@@ -298,10 +327,12 @@ def _count_records(path: str) -> int:
 # ----------------------------------------------------------------------------------- reading
 
 def iter_episodes(directory: PathLike, split: str = 'train', *,
-                  image_size: Optional[Tuple[int, int]] = None) -> Iterator[Episode]:
+                  image_size: Optional[Tuple[int, int]] = None,
+                  layout: LayoutLike = 'bridge') -> Iterator[Episode]:
     """Episodes of one split in file order; the directory is checked before this returns.
 
-    image_size: (H, W) to resize observation.image_0 to (bilinear, antialiased); None keeps it.
+    image_size: (H, W) to resize the primary image to (bilinear, antialiased); None keeps it.
+    layout: how the dataset stores its steps (robot_rl.data.layouts), standardised as read.
     Each Episode (N steps): images uint8 (N, H, W, 3), states and actions float32 (N, 7),
     rewards and discounts float32 (N,), is_first/is_last/is_terminal bool (N,), the
     instruction of step 0, mc_returns float32 (N,) where steps/mc_return is stored (else None),
@@ -312,12 +343,13 @@ def iter_episodes(directory: PathLike, split: str = 'train', *,
     that fails to read or to pass Episode.validate().
     """
     tf, _ = import_tf()
-    builder = check_dataset(directory, split)
-    decode = _image_decoder(builder, image_size)
+    layout = get_layout(layout)
+    builder = check_dataset(directory, split, layout)
+    decode = _image_decoder(builder, layout, image_size)
     has_mc_return = spec.step_feature(builder.info.features, spec.MC_RETURN) is not None
 
     def to_columns(raw):
-        columns, is_last_added = _columns(raw[spec.STEPS], has_mc_return)
+        columns, is_last_added = _columns(raw[spec.STEPS], layout, has_mc_return)
         columns[IMAGE_KEY] = tf.map_fn(decode, columns[IMAGE_KEY], fn_output_signature=tf.uint8)
         columns['metadata'] = raw.get(spec.EPISODE_METADATA, {})
         columns[IS_LAST_ADDED] = is_last_added
@@ -331,28 +363,43 @@ def iter_episodes(directory: PathLike, split: str = 'train', *,
 def step_dataset(directory: PathLike, split: str = 'train', *, batch_size: int = 256,
                  image_size: Optional[Tuple[int, int]] = None, shuffle_buffer: int = 0,
                  seed: Optional[int] = None, repeat: bool = False,
-                 drop_remainder: bool = False):
+                 drop_remainder: bool = False, layout: LayoutLike = 'bridge'):
     """The tf.data pipeline behind iter_steps (same options; yields tensors, not numpy).
 
-    Records are read, flattened to steps with images still encoded, shuffled (shuffle_buffer
-    steps; shard order too) and only then decoded, in parallel (AUTOTUNE), and batched.
-    Without shuffling, steps come in file order. Images of a dataset with no fixed image shape
-    need image_size to batch.
+    step_stream's decoded steps, batched and prefetched (AUTOTUNE). Images of a dataset with
+    no fixed image shape need image_size to batch.
     """
     tf, _ = import_tf()
-    builder = check_dataset(directory, split)
-    decode = _image_decoder(builder, image_size)
+    ds = step_stream(directory, split, image_size=image_size, shuffle_buffer=shuffle_buffer,
+                     seed=seed, repeat=repeat, layout=layout)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def step_stream(directory: PathLike, split: str = 'train', *,
+                image_size: Optional[Tuple[int, int]] = None, shuffle_buffer: int = 0,
+                seed: Optional[int] = None, repeat: bool = False,
+                layout: LayoutLike = 'bridge'):
+    """Unbatched tf.data of standardised, decoded steps (keys as iter_steps' batches).
+
+    Records are read, standardised to the common step format (layout), flattened to steps with
+    images still encoded, shuffled (shuffle_buffer steps; shard order too) and only then
+    decoded, in parallel (AUTOTUNE). Without shuffling, steps come in file order.
+    """
+    tf, _ = import_tf()
+    layout = get_layout(layout)
+    builder = check_dataset(directory, split, layout)
+    decode = _image_decoder(builder, layout, image_size)
     has_mc_return = spec.step_feature(builder.info.features, spec.MC_RETURN) is not None
     shuffle = shuffle_buffer > 0
     ds = _read_episodes(builder, split, shuffle, seed)
-    ds = _map(ds, lambda raw: _columns(raw[spec.STEPS], has_mc_return)[0]).unbatch()
+    ds = _map(ds, lambda raw: _columns(raw[spec.STEPS], layout, has_mc_return)[0]).unbatch()
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     if repeat:
         ds = ds.repeat()
-    ds = _map(ds, lambda step: {**step, IMAGE_KEY: decode(step[IMAGE_KEY])},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None or not shuffle)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return _map(ds, lambda step: {**step, IMAGE_KEY: decode(step[IMAGE_KEY])},
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=seed is not None or not shuffle)
 
 
 def iter_steps(directory: PathLike, split: str = 'train',
@@ -366,7 +413,7 @@ def iter_steps(directory: PathLike, split: str = 'train',
     The directory is checked before this returns; arrays are writable copies.
     """
     ds = step_dataset(directory, split, **options)
-    return _yield_step_batches(ds, f'{directory} [{split}]')
+    return numpy_batches(ds, f'{directory} [{split}]')
 
 
 def _read_episodes(builder, split: str, shuffle: bool, seed: Optional[int]):
@@ -387,21 +434,17 @@ def _map(ds, fn, **options):
     return ds.map(tf.autograph.experimental.do_not_convert(fn), **options)
 
 
-def _columns(steps, has_mc_return: bool):
-    """Stacked step tensors of one record -> {step key: (N, ...)}, only the features we use.
+def _columns(steps, layout: Layout, has_mc_return: bool):
+    """Stacked step tensors of one record -> {step key: (N, ...)}, standardised by `layout`.
 
     A record whose steps carry no is_last at all is an episode clipped when its dataset was cut
     down (every episode of the Bridge debug sample): its final step gets is_last and
     is_terminal stays as stored (a truncation). Returns (columns, that repair's bool flag).
     """
     tf, _ = import_tf()
-    fields = {**STEP_FIELDS, MC_RETURN_KEY: spec.MC_RETURN} if has_mc_return else STEP_FIELDS
-    columns = {}
-    for key, path in fields.items():
-        node = steps
-        for part in path.split('/'):
-            node = node[part]
-        columns[key] = node
+    columns = layout.columns(steps)
+    if has_mc_return:
+        columns[MC_RETURN_KEY] = lookup(steps, spec.MC_RETURN)
     is_last = columns['is_last']
     clipped = tf.logical_not(tf.reduce_any(is_last))
     final = tf.equal(tf.range(tf.size(is_last)), tf.size(is_last) - 1)
@@ -409,10 +452,10 @@ def _columns(steps, has_mc_return: bool):
     return columns, clipped
 
 
-def _image_decoder(builder, image_size: Optional[Tuple[int, int]]):
+def _image_decoder(builder, layout: Layout, image_size: Optional[Tuple[int, int]]):
     """fn(encoded JPEG/PNG string) -> uint8 (H, W, 3), resized when image_size differs."""
     tf, _ = import_tf()
-    stored = tuple(spec.step_feature(builder.info.features, spec.IMAGE).shape)
+    stored = tuple(spec.step_feature(builder.info.features, layout.image).shape)
     target = None if image_size is None else tuple(int(s) for s in image_size)
     resize = target is not None and target != stored[:2]
 
@@ -481,7 +524,9 @@ def _python(value: Any) -> Any:
     return value
 
 
-def _yield_step_batches(ds, source: str) -> Iterator[Dict[str, np.ndarray]]:
+def numpy_batches(ds, source: str) -> Iterator[Dict[str, np.ndarray]]:
+    """A batched step pipeline as writable numpy dicts, instructions as str; read errors
+    become ValueError naming `source`."""
     for batch in _as_numpy(ds, source):
         out = {key: np.array(value) for key, value in batch.items()}
         out['language_instruction'] = np.array(
@@ -492,12 +537,18 @@ def _yield_step_batches(ds, source: str) -> Iterator[Dict[str, np.ndarray]]:
 
 # -------------------------------------------------------------------------------- statistics
 
+NORMALISATIONS = ('bounds', 'normal')
+"""'bounds': p01..p99 mapped onto [-1, 1] and clipped (OpenVLA's bounds_q99); 'normal':
+(x - mean) / std (Octo's). Dimensions that never vary pass through unchanged."""
+_FLAT = 1e-8
+
+
 @dataclasses.dataclass(frozen=True)
 class ActionStats:
-    """Per-dimension statistics of a split's actions; each array float64 (7,).
+    """Per-dimension statistics of a split's actions (or states); each array float64 (dim,).
 
     std is the population standard deviation; p01/p99 are the 1st/99th percentiles (numpy's
-    default linear interpolation). The action normaliser is built from these.
+    default linear interpolation). Normalisers (normalise / unnormalise) are built from these.
     """
 
     mean: np.ndarray
@@ -510,7 +561,7 @@ class ActionStats:
 
     @classmethod
     def from_actions(cls, actions: np.ndarray) -> 'ActionStats':
-        """Statistics over the N rows of actions (N, 7), computed in float64."""
+        """Statistics over the N rows of actions (N, dim), computed in float64."""
         a = np.asarray(actions, dtype=np.float64)
         if a.ndim != 2 or a.shape[0] == 0:
             raise ValueError(f'actions must be a non-empty (N, dim) array, got shape {a.shape}')
@@ -532,32 +583,114 @@ class ActionStats:
         return cls(**{k: np.asarray(d[k], dtype=np.float64) for k in names if k != 'num_steps'},
                    num_steps=int(d['num_steps']))
 
+    def normalise(self, x: np.ndarray, mode: str = 'bounds',
+                  mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """x (..., dim) -> normalised float32 (see NORMALISATIONS); mask (dim,) bool picks the
+        dimensions to normalise (the rest, e.g. a 0/1 gripper, pass through)."""
+        offset, scale, keep = self.affine(mode, mask)
+        self._check_dim(x)
+        out = (np.asarray(x, np.float64) - offset) / scale
+        if mode == 'bounds':
+            out = np.clip(out, -1.0, 1.0)
+        return np.where(keep, x, out).astype(np.float32)
 
-def compute_action_stats(directory: PathLike, split: str = 'train', *,
-                         cache: bool = True) -> ActionStats:
-    """Action statistics of one split, read from `<directory>/action_stats.json` when current.
+    def unnormalise(self, y: np.ndarray, mode: str = 'bounds',
+                    mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """The inverse of normalise (exact inside p01..p99 for 'bounds'); float32."""
+        offset, scale, keep = self.affine(mode, mask)
+        self._check_dim(y)
+        out = np.asarray(y, np.float64) * scale + offset
+        return np.where(keep, y, out).astype(np.float32)
 
-    The cache ({split: {'num_examples', 'num_bytes', 'stats': ActionStats.to_dict()}}) is
-    reused only while dataset_info.json gives the split the same size. It is written
-    atomically, and not at all where the directory is read-only. Raises as check_dataset.
+    def affine(self, mode: str = 'bounds', mask: Optional[np.ndarray] = None
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offset, scale, pass-through dims): normalised = (x - offset) / scale where not
+        passed through ('bounds' also clips to [-1, 1]); scale is 1 on pass-through dims."""
+        if mode not in NORMALISATIONS:
+            raise ValueError(f'normalisation mode must be one of {NORMALISATIONS}, got {mode!r}')
+        dim = self.mean.shape[0]
+        if mode == 'bounds':
+            offset, scale = (self.p99 + self.p01) / 2, (self.p99 - self.p01) / 2
+        else:
+            offset, scale = self.mean, self.std
+        keep = scale < _FLAT
+        if mask is not None:
+            keep = keep | ~np.asarray(mask, bool).reshape(dim)
+        return offset, np.where(keep, 1.0, scale), keep
+
+    def _check_dim(self, x) -> None:
+        if np.shape(x)[-1:] != self.mean.shape:
+            raise ValueError(f'expected (..., {self.mean.shape[0]}) values, got shape '
+                             f'{np.shape(x)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetStats:
+    """What normalising a dataset's actions and states needs (cached beside the data)."""
+
+    action: ActionStats
+    state: ActionStats
+    num_episodes: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {'stats': self.action.to_dict(), 'state_stats': self.state.to_dict(),
+                'num_episodes': self.num_episodes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'DatasetStats':
+        missing = {'stats', 'state_stats', 'num_episodes'} - set(d)
+        if missing:
+            raise ValueError(f'DatasetStats dict is missing {sorted(missing)}')
+        return cls(ActionStats.from_dict(d['stats']), ActionStats.from_dict(d['state_stats']),
+                   int(d['num_episodes']))
+
+
+def compute_dataset_stats(directory: PathLike, split: str = 'train', *,
+                          layout: LayoutLike = 'bridge', cache: bool = True) -> DatasetStats:
+    """Action and state statistics of one split (standardised by `layout`), computed once.
+
+    Cached in `<directory>/action_stats.json` ({split: {'num_examples', 'num_bytes', 'layout',
+    **DatasetStats.to_dict()}}), reused only while dataset_info.json gives the split the same
+    size and the layout is the same. The cache is written atomically, and not at all where the
+    directory is read-only. Raises as check_dataset.
     """
-    builder = check_dataset(directory, split)
+    layout = get_layout(layout)
+    builder = check_dataset(directory, split, layout)
     info = builder.info.splits[split]
-    key = {'num_examples': int(info.num_examples), 'num_bytes': int(info.num_bytes)}
+    key = {'num_examples': int(info.num_examples), 'num_bytes': int(info.num_bytes),
+           'layout': layout.name}
     path = Path(directory) / STATS_FILE
     entries = _read_json(path) if cache else {}
     entry = entries.get(split)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()):
-        return ActionStats.from_dict(entry['stats'])
-    ds = _map(_read_episodes(builder, split, shuffle=False, seed=None),
-              lambda raw: raw[spec.STEPS][spec.ACTION])
+        try:
+            return DatasetStats.from_dict(entry)
+        except ValueError:
+            pass  # an entry of an older format: recomputed below
+
+    def actions_and_states(raw):
+        columns = layout.columns(raw[spec.STEPS])
+        return columns['action'], columns[STATE_KEY]
+
+    ds = _map(_read_episodes(builder, split, shuffle=False, seed=None), actions_and_states)
     chunks = list(_as_numpy(ds, f'{directory} [{split}]'))
-    stats = ActionStats.from_actions(
-        np.concatenate(chunks) if chunks else np.zeros((0, ACTION_DIM), np.float32))
+    empty = np.zeros((0, ACTION_DIM), np.float32)
+    stats = DatasetStats(
+        action=ActionStats.from_actions(np.concatenate([a for a, _ in chunks]) if chunks
+                                        else empty),
+        state=ActionStats.from_actions(np.concatenate([s for _, s in chunks]) if chunks
+                                       else empty),
+        num_episodes=len(chunks))
     if cache:
-        entries[split] = dict(key, stats=stats.to_dict())
+        entries[split] = dict(key, **stats.to_dict())
         _write_json(path, entries)
     return stats
+
+
+def compute_action_stats(directory: PathLike, split: str = 'train', *,
+                         layout: LayoutLike = 'bridge', cache: bool = True) -> ActionStats:
+    """The action part of compute_dataset_stats (same cache)."""
+    return compute_dataset_stats(directory, split, layout=layout, cache=cache).action
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

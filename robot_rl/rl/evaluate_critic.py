@@ -180,14 +180,15 @@ def evaluate_checkpoint(directory: Path, data: Optional[Sequence[str]] = None,
     dev = learner.resolve_device(device)
     loaded = load_checkpoint(directory, dev)
     data_cfg = loaded.config['data']
-    sources = [(s['path'], s['labelling']) for s in data_cfg['sources']]
+    sources = [(s['path'], s['labelling'], s.get('layout', 'bridge'))
+               for s in data_cfg['sources']]
     if data:
-        sources = [(path, labelling or sources[0][1]) for path in data]
+        sources = [(path, labelling or sources[0][1], 'bridge') for path in data]
     split = split or data_cfg['eval_split']
     episodes: List[Episode] = []
-    for path, source_labelling in sources:
+    for path, source_labelling, layout in sources:
         episodes += learner.read_source(path, split, source_labelling, data_cfg['image_size'],
-                                        max_episodes)
+                                        max_episodes, layout)
     episodes = prepare_episodes(episodes, loaded.action_space, loaded.config['algo']['gamma'])
     embed = learner.make_embed(loaded.critic.config.lang_dim,
                                loaded.config.get('language_model'), dev)

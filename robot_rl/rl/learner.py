@@ -106,8 +106,9 @@ def check_finite(episode: Episode, label: str) -> None:
 
 
 def read_source(path: str, split: str, labelling: str, image_size: Optional[int] = None,
-                max_episodes: Optional[int] = None) -> List[Episode]:
-    """Labelled episodes of one Bridge-format directory split, each tagged with its source.
+                max_episodes: Optional[int] = None, layout: str = 'bridge') -> List[Episode]:
+    """Labelled episodes of one RLDS directory split, each tagged with its source; `layout`
+    (robot_rl.data.layouts) standardises the dataset's steps to the Bridge step format.
 
     Raises ValueError naming '<path> [<split>] episode <i>' for non-finite rewards, discounts,
     actions or stored returns (checked before labelling, which would overwrite rewards).
@@ -116,7 +117,7 @@ def read_source(path: str, split: str, labelling: str, image_size: Optional[int]
 
     size = None if image_size is None else (image_size, image_size)
     out: List[Episode] = []
-    for index, episode in enumerate(iter_episodes(path, split, image_size=size)):
+    for index, episode in enumerate(iter_episodes(path, split, image_size=size, layout=layout)):
         if max_episodes is not None and index >= max_episodes:
             break
         label = f'{path} [{split}] episode {index}'

@@ -14,7 +14,9 @@
 
 `main(cfg)` runs it all and `update(...)` is one step, so tests import both. Under torchrun
 every rank samples its own batches (its own seed) and steps on the mean gradient; rank 0 alone
-logs, evaluates and writes checkpoints.
+logs, evaluates and writes checkpoints. Checkpoints hold the global state (step, weights, every
+optimiser's state, identical on all ranks), so a run resumes at any world size: batch_size stays
+the global batch, and each rank's sampling streams restart from (seed, rank, step).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from omegaconf import MISSING
 import torch
 from tqdm import tqdm
 
+from robot_rl.data.layouts import LAYOUTS
 from robot_rl.data.replay import MixedSampler, ReplayBuffer
 from robot_rl.models.actor import TanhGaussianActor
 from robot_rl.models.critic import Critic, CriticConfig
@@ -46,12 +49,15 @@ from robot_rl.types import ACTION_DIM, ActionSpace, Episode
 
 @dataclasses.dataclass
 class SourceConfig:
-    """One Bridge-format dataset directory in the training mixture."""
+    """One RLDS dataset directory in the training mixture."""
 
     path: str = MISSING
     """TFDS version directory <data_dir>/<name>/<version> (holds dataset_info.json)."""
     split: str = 'train'
     """Split trained on."""
+    layout: str = 'bridge'
+    """How the dataset stores its steps (robot_rl.data.layouts: 'bridge', 'fractal', ...);
+    steps are standardised to the Bridge step format as they are read."""
     weight: float = 1.0
     """Share of every batch (normalised over the sources)."""
     labelling: str = 'dataset'
@@ -156,6 +162,8 @@ class TrainCriticConfig:
 def _source_problems(source: SourceConfig, data: DataConfig) -> List[str]:
     """What is wrong with one source, read from dataset_info.json (no TensorFlow needed)."""
     problems = []
+    if source.layout not in LAYOUTS:
+        problems.append(f'layout {source.layout!r} not in {sorted(LAYOUTS)}')
     if source.labelling not in learner.LABELLINGS:
         problems.append(f'labelling {source.labelling!r} not in {learner.LABELLINGS}')
     if not source.weight > 0:
@@ -212,7 +220,7 @@ def make_data(cfg: TrainCriticConfig, action_space: Optional[ActionSpace],
     """
     d = cfg.data
     per_source = [learner.read_source(s.path, s.split, s.labelling, d.image_size,
-                                      d.max_episodes) for s in d.sources]
+                                      d.max_episodes, s.layout) for s in d.sources]
     space = action_space or learner.fit_action_space(
         [e for episodes in per_source for e in episodes], d.action_bounds, d.bounds_margin)
     buffers = [learner.make_replay((learner.normalise_actions(e, space) for e in episodes),
@@ -222,7 +230,7 @@ def make_data(cfg: TrainCriticConfig, action_space: Optional[ActionSpace],
     if held_out and d.eval_split is not None:
         for s in d.sources:
             evaluation += learner.read_source(s.path, d.eval_split, s.labelling, d.image_size,
-                                              d.max_episodes)
+                                              d.max_episodes, s.layout)
     return TrainData(sampler, buffers,
                      evaluate_critic.prepare_episodes(evaluation, space, cfg.algo.gamma), space)
 
@@ -394,6 +402,7 @@ class Checkpointer:
                  action_space: ActionSpace, world: learner.World):
         self.cfg, self.run, self.algo, self.space = cfg, run, algo, action_space
         self.enabled = world.is_main
+        self.world_size = world.size  # a resumed run may use another: step counts are global
         self.best = run.best
         self.last_step = run.start_step if run.start_step else None
 
@@ -419,6 +428,7 @@ class Checkpointer:
         if not directory.exists():
             meta = {'step': step, 'best': self.best, 'best_metric': self.cfg.best_metric,
                     'metrics': metrics, 'config': dataclasses.asdict(self.cfg),
+                    'world_size': self.world_size,
                     'versions': {'robot_rl': _package_version(), 'torch': torch.__version__,
                                  'python': platform.python_version()}}
             learner.save_training_checkpoint(directory, self.algo, self.space,
