@@ -51,6 +51,7 @@ setup(
             'robot-rl-train-bc = robot_rl.cli.train_bc:main',
             'robot-rl-eval = robot_rl.cli.evaluate:main',
             'robot-rl-finetune = robot_rl.cli.finetune:main',
+            'robot-rl-train-reward = robot_rl.cli.train_reward:main',
         ],
     },
 )

@@ -1,0 +1,1 @@
+"""Learned rewards: a success classifier that proposes labels for real-robot episodes."""
