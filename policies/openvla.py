@@ -101,20 +101,35 @@ class ActionNormStats:
 def read_norm_stats(source: Union[str, Path, Mapping[str, Any]]) -> Dict[str, Any]:
     """OpenVLA-style statistics {dataset_key: {'action': {'q01', 'q99', 'mask', ...}}}.
 
-    `source` is the mapping itself or a JSON file holding it (the dataset_statistics.json that
-    OpenVLA's fine-tuning writes next to its checkpoints).
+    `source` is such a mapping, the project's own statistics (a robot_rl.data.oxe.StatsTable,
+    or its JSON form), or a JSON file holding either (OpenVLA's fine-tuning writes its
+    dataset_statistics.json next to its checkpoints).
     """
-    if isinstance(source, Mapping):
-        return dict(source)
-    path = Path(source)
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f'cannot read normalisation statistics from {path}: {err}') from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f'{path}: normalisation statistics must be a JSON object keyed by '
-                         f'dataset, got {type(loaded).__name__}')
-    return loaded
+    from robot_rl.data.oxe import StatsTable
+
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        try:
+            source = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f'cannot read normalisation statistics from {path}: {err}') from None
+        if not isinstance(source, dict):
+            raise ValueError(f'{path}: normalisation statistics must be a JSON object keyed by '
+                             f'dataset, got {type(source).__name__}')
+    if not isinstance(source, StatsTable) and source and all(
+            isinstance(v, Mapping) and 'stats' in v for v in source.values()):
+        source = StatsTable.from_dict(source)
+    if isinstance(source, StatsTable):
+        return from_stats_table(source)
+    return dict(source)
+
+
+def from_stats_table(table: Mapping[str, Any]) -> Dict[str, Any]:
+    """OpenVLA-style statistics from the project's StatsTable: q01/q99 are its p01/p99 (the
+    same percentiles), and the gripper is not normalised (OpenVLA's mask for OXE data)."""
+    mask = [True] * (ACTION_DIM - 1) + [False]
+    return {key: {'action': {'q01': stats.action.p01.tolist(), 'q99': stats.action.p99.tolist(),
+                             'mask': mask}} for key, stats in table.items()}
 
 
 def action_norm_stats(norm_stats: Mapping[str, Any], dataset_key: Optional[str],
@@ -376,6 +391,13 @@ class OpenVLAPolicy(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, *args, **kwargs):  # keep the sampling generator on the model's device
+        module = super().to(*args, **kwargs)
+        if self.generator.device != self.device:
+            self.generator = torch.Generator(device=self.device).manual_seed(
+                int(self.generator.initial_seed()))
+        return module
 
     def reset(self) -> None:
         """OpenVLA keeps no per-episode state."""

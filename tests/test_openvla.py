@@ -19,6 +19,8 @@ from policies.base import POLICIES, Policy, TrainablePolicy
 from policies.common import PolicyBatch
 from policies.openvla import (action_norm_stats, action_tokens, NUM_BINS, OpenVLAPolicy,
                               PROMPT, token_values)
+from robot_rl.data import rlds
+from robot_rl.data.oxe import StatsTable
 from robot_rl.models.critic import Critic, CriticConfig
 from robot_rl.rl import parl
 from robot_rl.steering import ValueGuidedSteering
@@ -305,6 +307,25 @@ def test_a_dataset_key_without_statistics_is_an_error_naming_it():
         OpenVLAPolicy(model=model, processor=processor, norm_stats=short)
     with pytest.raises(ValueError, match='carries no normalisation statistics'):
         OpenVLAPolicy(model=model, processor=processor)
+
+
+def test_the_projects_statistics_tables_are_accepted(tmp_path):
+    """A StatsTable (robot_rl.data.oxe), in memory or saved as JSON: p01/p99 act as q01/q99."""
+    actions = np.random.default_rng(0).normal(0, 0.02, (200, 7))
+    actions[:, 6] = np.random.default_rng(1).integers(0, 2, 200)
+    stats = rlds.ActionStats.from_actions(actions)
+    table = StatsTable({'my_robot': rlds.DatasetStats(stats, stats, 3)})
+    table.save(tmp_path / 'stats.json')
+    model, processor = tiny_vlm.build()
+    for source in (table, tmp_path / 'stats.json'):
+        policy = OpenVLAPolicy(model=model, processor=processor, norm_stats=source,
+                               unnorm_key='my_robot')
+        np.testing.assert_allclose(policy.action_space.low[:6], stats.p01[:6], rtol=1e-6)
+        np.testing.assert_allclose(policy.action_space.high[:6], stats.p99[:6], rtol=1e-6)
+        assert policy.stats.mask.tolist() == [True] * 6 + [False]
+    with pytest.raises(ValueError, match="dataset key 'bridge_orig'.*my_robot"):
+        OpenVLAPolicy(model=model, processor=processor, norm_stats=table,
+                      unnorm_key='bridge_orig')
 
 
 def test_unknown_instruction_embeddings_are_an_error():
