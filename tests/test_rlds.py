@@ -384,3 +384,53 @@ def test_missing_shard_and_split_fail_loudly(generated, tmp_path):
                                        'is missing')
     with pytest.raises(ValueError, match='not a TFDS dataset directory'):
         rlds.iter_episodes(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- appends
+
+def test_append_adds_shards_without_rewriting_and_reads_back_in_order(tmp_path):
+    episodes = make_splits(seed=6, smooth=False)['train'][:3]
+    directory = rlds.append_episodes(episodes[:2], tmp_path, name='rec', image_format='png')
+    first_shard = directory / 'rec-train.tfrecord-00000'
+    written = first_shard.stat().st_mtime_ns, first_shard.read_bytes()
+    assert rlds.append_episodes(episodes[2:], tmp_path, name='rec',
+                                image_format='png') == directory
+    assert (first_shard.stat().st_mtime_ns, first_shard.read_bytes()) == written
+    assert rlds.check_dataset(directory).info.splits['train'].shard_lengths == [2, 1]
+    for got, want in zip(rlds.iter_episodes(directory), episodes, strict=True):
+        assert_same_episode(got, want)
+    _, tfds = import_tf()
+    assert tfds.builder_from_directory(str(directory)).info.splits['train'].num_examples == 3
+
+
+def test_append_refuses_mismatched_episodes_and_keeps_the_dataset(tmp_path):
+    episodes = make_splits(seed=7, smooth=False)['train'][:2]
+    directory = rlds.append_episodes(episodes[:1], tmp_path, name='rec')
+    before = sorted(p.name for p in directory.iterdir())
+    episodes[1].images = episodes[1].images[:, :16, :16]
+    with pytest.raises(ValueError, match='do not match the features'):
+        rlds.append_episodes(episodes[1:], tmp_path, name='rec')
+    assert sorted(p.name for p in directory.iterdir()) == before
+    bad = make_splits(seed=7, smooth=False)['train'][1]
+    bad.states = bad.states[:, :6]  # fails while writing: no shard is left behind
+    with pytest.raises(ValueError, match='states'):
+        rlds.append_episodes([bad], tmp_path, name='rec')
+    assert sorted(p.name for p in directory.iterdir()) == before
+    assert len(list(rlds.iter_episodes(directory))) == 1
+
+
+def test_append_reuses_the_name_of_a_shard_orphaned_by_a_crash(tmp_path):
+    episodes = make_splits(seed=8, smooth=False)['train'][:2]
+    directory = rlds.append_episodes(episodes[:1], tmp_path, name='rec', image_format='png')
+    # A crash after the shard rename, before dataset_info.json: a shard nobody lists.
+    (directory / 'rec-train.tfrecord-00001').write_bytes(b'half a record')
+    rlds.append_episodes(episodes[1:], tmp_path, name='rec', image_format='png')
+    for got, want in zip(rlds.iter_episodes(directory), episodes, strict=True):
+        assert_same_episode(got, want)
+
+
+def test_append_refuses_a_dataset_with_counted_shard_names(tmp_path):
+    episodes = make_splits(seed=9, smooth=False)['train'][:2]
+    rlds.write_dataset({'train': episodes[:1]}, tmp_path, name='fixed')
+    with pytest.raises(ValueError, match='not written by append_episodes'):
+        rlds.append_episodes(episodes[1:], tmp_path, name='fixed')

@@ -6,6 +6,7 @@ A dataset directory is `<data_dir>/<name>/<version>/`: TFRecord shards named
 
     write_dataset({'train': episodes, 'val': more}, data_dir) -> the version directory
     write_examples({'train': examples}, features, data_dir, name=...)  any FeaturesDict
+    append_episodes(episodes, data_dir)    one more shard, nothing rewritten (recording)
     iter_episodes(directory, split)        one Episode per record, in file order
     iter_steps(directory, split, ...)      batches of decoded steps for training (parallel tf.data)
     compute_dataset_stats(directory, split) action and state statistics, cached as JSON
@@ -124,6 +125,95 @@ def _write(splits, encoder, data_dir: PathLike, name: str, version: str, max_sha
     return target
 
 
+APPEND_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}'
+"""Shard names of appendable datasets: `<name>-<split>.tfrecord-<i>`, no shard count in the
+name, so adding a shard renames nothing (TFDS reads the template from dataset_info.json)."""
+
+
+def append_episodes(episodes: Iterable[Episode], data_dir: PathLike, *,
+                    name: str = DEFAULT_NAME, version: str = DEFAULT_VERSION,
+                    split: str = 'train', image_format: str = 'jpeg',
+                    jpeg_quality: int = 95) -> Path:
+    """Add episodes to `<data_dir>/<name>/<version>` as one new shard; create it when absent.
+
+    For recording over hours: a call costs only the new episodes, and a restarted recorder
+    continues its dataset instead of replacing it. Nothing written before is rewritten: the
+    shard is written under a temporary name and renamed, then dataset_info.json is replaced
+    (atomically); a crash in between leaves the dataset as it was (the next call reuses the
+    orphan shard's name). Episodes must match the dataset's features (image shape and format,
+    mc_returns or not): ValueError naming the difference. A dataset written by write_dataset
+    (`-of-<n>` shard names) is refused rather than renamed.
+    """
+    _check_write_args({split: ()}, name, version, image_format, jpeg_quality)
+    _, tfds = import_tf()
+    target = Path(data_dir) / name / version
+    infos, num_shards = [], 0
+    if (target / 'dataset_info.json').is_file():
+        infos = _split_infos(target, name)
+        if any(info.filename_template.template != APPEND_TEMPLATE for info in infos):
+            raise ValueError(f'{target} was not written by append_episodes (its shards are '
+                             'named with a shard count); append to a new dataset')
+        mine = [info for info in infos if info.name == split]
+        num_shards = mine[0].num_shards if mine else 0
+    encoder = _EpisodeEncoder(image_format, jpeg_quality)
+    target.mkdir(parents=True, exist_ok=True)
+    part = target / f'.{name}-{split}.tfrecord-{num_shards:05d}.part'
+    try:
+        new = _write_split(target, name, split, episodes, encoder, max_shard_bytes=2 ** 62,
+                           part=part)
+        existing = tfds.features.FeatureConnector.from_config(os.fspath(target)) \
+            if infos else None
+        if existing is not None and existing.to_json() != encoder.features.to_json():
+            raise ValueError(f'episodes (image shape, has mc_returns) = {encoder._layout}, '
+                             f'image format {image_format!r} do not match the features of '
+                             f'{target}')
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=target, template=APPEND_TEMPLATE, dataset_name=name, split=split,
+        filetype_suffix='tfrecord')
+    os.rename(part, template.sharded_filepath(shard_index=num_shards, num_shards=None))
+    merged = {info.name: info for info in infos}
+    old = merged.get(split)
+    merged[split] = tfds.core.SplitInfo(
+        name=split, filename_template=template,
+        shard_lengths=(list(old.shard_lengths) if old else []) + list(new.shard_lengths),
+        num_bytes=(old.num_bytes if old else 0) + new.num_bytes)
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.dataset_info.DatasetIdentity(
+            name=name, version=tfds.core.Version(version), data_dir=os.fspath(target),
+            module_name=''),
+        features=encoder.features)
+    info.set_file_format(tfds.core.file_adapters.FileFormat.TFRECORD)
+    info.set_splits(tfds.core.SplitDict(list(merged.values())))
+    tmp = target / f'.metadata.tmp-{uuid.uuid4().hex}'
+    tmp.mkdir()
+    try:
+        info.write_to_directory(tmp)
+        for file in ('features.json', 'dataset_info.json'):  # the info last: it commits
+            os.replace(tmp / file, target / file)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _split_infos(directory: Path, name: str) -> list:
+    """The SplitInfos recorded in a dataset directory's dataset_info.json."""
+    _, tfds = import_tf()
+    info = json.loads((directory / 'dataset_info.json').read_text())
+    infos = []
+    for split in info.get('splits', []):
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=directory, dataset_name=name, split=split['name'],
+            filetype_suffix='tfrecord',
+            template=split.get('filepathTemplate') or tfds.core.naming.DEFAULT_FILENAME_TEMPLATE)
+        infos.append(tfds.core.SplitInfo(
+            name=split['name'], shard_lengths=[int(n) for n in split['shardLengths']],
+            num_bytes=int(split.get('numBytes', 0)), filename_template=template))
+    return infos
+
+
 def _check_write_args(splits, name: str, version: str, image_format: str,
                       jpeg_quality: int) -> None:
     if not _NAME_RE.match(name):
@@ -218,8 +308,10 @@ def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _write_split(directory: Path, name: str, split: str, episodes: Iterable[Any],
-                 encoder, max_shard_bytes: int):
-    """Stream one split's episodes into shard files; return its tfds SplitInfo."""
+                 encoder, max_shard_bytes: int, part: Optional[Path] = None):
+    """Stream one split's episodes into shard files; return its tfds SplitInfo.
+
+    `part`: write one shard to this path and leave naming it to the caller (append)."""
     tf, tfds = import_tf()
     lengths: List[int] = []
     num_bytes = shard_bytes = 0
@@ -234,7 +326,7 @@ def _write_split(directory: Path, name: str, split: str, episodes: Iterable[Any]
             if writer is None or shard_bytes + len(record) > max_shard_bytes:
                 if writer is not None:
                     writer.close()
-                writer = tf.io.TFRecordWriter(os.fspath(directory / _part_name(
+                writer = tf.io.TFRecordWriter(os.fspath(part or directory / _part_name(
                     name, split, len(lengths))))
                 lengths.append(0)
                 shard_bytes = 0
@@ -247,7 +339,7 @@ def _write_split(directory: Path, name: str, split: str, episodes: Iterable[Any]
             writer.close()
     if not lengths:
         raise ValueError(f'split {split!r} has no episodes')
-    for i in range(len(lengths)):
+    for i in range(0 if part else len(lengths)):
         os.rename(directory / _part_name(name, split, i),
                   directory / f'{name}-{split}.tfrecord-{i:05d}-of-{len(lengths):05d}')
     # num_bytes counts serialised examples without framing, as TFDS's own writer does.
