@@ -9,7 +9,13 @@ dataset alone and on the 1 : 0.54 mixture of configs/data/oxe_mix.yaml. tf.data 
 private pool of --threads threads and the process is pinned to --cores cores; each figure is
 the median over repeats of a fixed number of batches, after a warm-up pass, with the machine.
 
+--transitions times the Cal-QL transition stream instead (robot_rl.data.transitions:
+V-GPS labels, Monte-Carlo returns, actions normalised by an ActionSpace from the cached
+statistics, (o_t, o_{t+1}) pairs decoded after shuffling) into replay.TransitionBatch, the
+batches robot-rl-train-critic trains on with data.streaming=true.
+
     PYTHONPATH=. python benchmarks/bench_oxe.py [--cores 2 --batches 20 --repeats 5]
+    PYTHONPATH=. python benchmarks/bench_oxe.py --transitions
 """
 
 import argparse
@@ -23,8 +29,9 @@ import cv2
 from machine import describe_cpu
 import numpy as np
 
-from robot_rl.data import layouts, oxe, rlds
+from robot_rl.data import layouts, oxe, rlds, transitions
 from robot_rl.data.bridge_spec import import_tf
+from robot_rl.rl import learner
 
 FRACTAL_FRAME = (256, 320, 3)
 
@@ -46,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help='tf.data private pool size (default: --cores)')
     parser.add_argument('--repeats', type=int, default=5, help='timed passes (after 1 warm-up)')
+    parser.add_argument('--transitions', action='store_true',
+                        help='time Cal-QL transitions (transitions.transition_dataset) into '
+                             'TransitionBatch instead of steps')
     return parser.parse_args(argv)
 
 
@@ -99,20 +109,36 @@ def run(directories, args: argparse.Namespace) -> None:
     print(f'machine: {describe_cpu()}; pinned to {len(os.sched_getaffinity(0))} cores, '
           f'tf.data pool {threads} threads')
     size = (args.image_size, args.image_size)
+    # The critic trainer's normaliser under streaming (data.action_bounds='data').
+    space = learner.action_space_from_stats([stats[k].action for k in sources])
+    unit = 'transitions' if args.transitions else 'steps'
     for label, keys in (('bridge', ['bridge']), ('fractal', ['fractal']),
                         ('bridge + fractal (1 : 0.54)', ['bridge', 'fractal'])):
-        ds = oxe.mixture_dataset([sources[k] for k in keys], batch_size=args.batch_size,
-                                 image_size=size, shuffle_buffer=args.shuffle_buffer, seed=0,
-                                 normalise='bounds', stats=stats, num_threads=threads)
-        batches = oxe.torch_batches(ds, label)  # one endless iterator: passes continue it
+        if args.transitions:
+            chosen = [transitions.TransitionSource(s.key, s.path, layout=s.layout,
+                                                   weight=s.weight, labelling='vgps')
+                      for s in (sources[k] for k in keys)]
+            ds = transitions.transition_dataset(
+                chosen, batch_size=args.batch_size, gamma=0.98, action_space=space,
+                image_size=size, shuffle_buffer=args.shuffle_buffer, seed=0,
+                num_threads=threads)
+            batches = (b.actions for b in transitions.transition_batches(ds, label))
+        else:
+            ds = oxe.mixture_dataset([sources[k] for k in keys], batch_size=args.batch_size,
+                                     image_size=size, shuffle_buffer=args.shuffle_buffer,
+                                     seed=0, normalise='bounds', stats=stats,
+                                     num_threads=threads)
+            batches = (b['action'] for b in oxe.torch_batches(ds, label))
+        # One endless iterator: passes continue it.
 
-        def steps_pass() -> int:
-            return sum(len(next(batches)['action']) for _ in range(args.batches))
+        def count_pass() -> int:
+            return sum(len(next(batches)) for _ in range(args.batches))
 
-        wall, cpu = timed_rates(steps_pass, args.repeats)
-        print(f'{label}: {wall:.0f} steps/s into torch batches of {args.batch_size} '
+        wall, cpu = timed_rates(count_pass, args.repeats)
+        kind = 'TransitionBatch' if args.transitions else 'torch'
+        print(f'{label}: {wall:.0f} {unit}/s into {kind} batches of {args.batch_size} '
               f'({args.image_size}x{args.image_size}; median of {args.repeats} passes of '
-              f'{args.batches} batches); {cpu:.0f} steps per CPU-second')
+              f'{args.batches} batches); {cpu:.0f} {unit} per CPU-second')
     print(f'load average {os.getloadavg()[0]:.2f} at end')
 
 

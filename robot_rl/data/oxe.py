@@ -123,7 +123,7 @@ class StatsTable(Mapping[str, DatasetStats]):
 
 def load_stats(sources: Sequence[OxeSource], cache: bool = True) -> StatsTable:
     """Each source's DatasetStats (rlds.compute_dataset_stats: cached beside its data)."""
-    _check_keys(sources)
+    check_keys(sources)
     return StatsTable({s.key: rlds.compute_dataset_stats(s.path, s.split, layout=s.layout,
                                                          cache=cache) for s in sources})
 
@@ -150,7 +150,7 @@ def mixture_dataset(sources: Sequence[OxeSource], *, batch_size: int = 256,
     Raises ValueError before reading anything for a bad directory, layout or image size.
     """
     tf, _ = import_tf()
-    _check_keys(sources)
+    check_keys(sources)
     if normalise is not None and normalise not in NORMALISATIONS:
         raise ValueError(f'normalise must be None or one of {NORMALISATIONS}, got {normalise!r}')
     if normalise is not None and stats is None:
@@ -166,10 +166,21 @@ def mixture_dataset(sources: Sequence[OxeSource], *, batch_size: int = 256,
                                                           action_mask)
         transform = _step_transform(index, affines, clip=normalise == 'bounds')
         streams.append(ds.map(tf.autograph.experimental.do_not_convert(transform)))
+    return interleave(sources, streams, batch_size=batch_size, seed=seed,
+                      num_threads=num_threads, drop_remainder=drop_remainder)
+
+
+def interleave(sources: Sequence[OxeSource], streams: Sequence[Any], *, batch_size: int,
+               seed: Optional[int] = None, num_threads: Optional[int] = None,
+               drop_remainder: bool = True):
+    """Endless per-source element streams -> one tf.data of batches mixed by the sources'
+    weights (sample_from_datasets, seeded), batched and prefetched; num_threads as
+    mixture_dataset. ValueError when the streams' IMAGE_KEY frames differ in size."""
+    tf, _ = import_tf()
     _check_image_shapes(sources, streams)
     weights = np.array([s.weight for s in sources], np.float64)
-    ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(weights / weights.sum()),
-                                              seed=seed)
+    ds = tf.data.Dataset.sample_from_datasets(list(streams),
+                                              weights=list(weights / weights.sum()), seed=seed)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     if num_threads is not None:
         options = tf.data.Options()
@@ -201,7 +212,8 @@ def _step_transform(index: int, affines: Optional[Mapping[str, Tuple]], clip: bo
     return transform
 
 
-def _check_keys(sources: Sequence[OxeSource]) -> None:
+def check_keys(sources: Sequence[OxeSource]) -> None:
+    """ValueError for an empty mixture or a dataset key used twice."""
     if not sources:
         raise ValueError('a mixture needs at least one source')
     keys = [s.key for s in sources]

@@ -9,6 +9,7 @@ A dataset directory is `<data_dir>/<name>/<version>/`: TFRecord shards named
     append_episodes(episodes, data_dir)    one more shard, nothing rewritten (recording)
     iter_episodes(directory, split)        one Episode per record, in file order
     iter_steps(directory, split, ...)      batches of decoded steps for training (parallel tf.data)
+    episode_stream(directory, split, ...)  episodes as tf.data (images encoded), sharded by reader
     compute_dataset_stats(directory, split) action and state statistics, cached as JSON
 
 Every reader takes `layout` (robot_rl.data.layouts: 'bridge', the default, or 'fractal', ...):
@@ -478,13 +479,10 @@ def step_stream(directory: PathLike, split: str = 'train', *,
     decoded, in parallel (AUTOTUNE). Without shuffling, steps come in file order.
     """
     tf, _ = import_tf()
-    layout = get_layout(layout)
-    builder = check_dataset(directory, split, layout)
-    decode = _image_decoder(builder, layout, image_size)
-    has_mc_return = spec.step_feature(builder.info.features, spec.MC_RETURN) is not None
     shuffle = shuffle_buffer > 0
-    ds = _read_episodes(builder, split, shuffle, seed)
-    ds = _map(ds, lambda raw: _columns(raw[spec.STEPS], layout, has_mc_return)[0]).unbatch()
+    ds, decode = episode_stream(directory, split, image_size=image_size, shuffle=shuffle,
+                                seed=seed, layout=layout)
+    ds = ds.unbatch()
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     if repeat:
@@ -492,6 +490,41 @@ def step_stream(directory: PathLike, split: str = 'train', *,
     return _map(ds, lambda step: {**step, IMAGE_KEY: decode(step[IMAGE_KEY])},
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=seed is not None or not shuffle)
+
+
+def episode_stream(directory: PathLike, split: str = 'train', *,
+                   image_size: Optional[Tuple[int, int]] = None, shuffle: bool = False,
+                   seed: Optional[int] = None, layout: LayoutLike = 'bridge',
+                   shard: Tuple[int, int] = (0, 1), limit: Optional[int] = None):
+    """(tf.data of episodes, decode): the reading half of step_stream, for episode-level maps.
+
+    Each element is one record's standardised columns (layouts.COLUMN_KEYS, plus 'mc_return'
+    where stored), each (N, ...), images still encoded; `decode(encoded) -> uint8 (H, W, 3)`
+    decodes one frame (resized to image_size). shuffle: shard files in a seeded random order
+    (records stay in file order without it). shard (index, count): only the records
+    [index * n // count, (index + 1) * n // count) of the split's n, read as a TFDS split slice,
+    so `count` readers (one per torchrun rank) see disjoint episodes. limit: n is at most this
+    (the split's first `limit` records, in file order, are the ones sharded and read).
+    Raises as check_dataset, and ValueError when there are fewer records than shards.
+    """
+    layout = get_layout(layout)
+    builder = check_dataset(directory, split, layout)
+    decode = _image_decoder(builder, layout, image_size)
+    has_mc_return = spec.step_feature(builder.info.features, spec.MC_RETURN) is not None
+    index, count = (int(v) for v in shard)
+    if not 0 <= index < count:
+        raise ValueError(f'shard must be (index, count) with 0 <= index < count, got {shard}')
+    total = int(builder.info.splits[split].num_examples)
+    if limit is not None:
+        total = min(total, int(limit))
+    if total < count:
+        raise ValueError(f'{directory} [{split}]: {total} episodes to read, fewer than the '
+                         f'{count} shards (readers) asked for')
+    read = split
+    if count > 1 or total < int(builder.info.splits[split].num_examples):
+        read = f'{split}[{index * total // count}:{(index + 1) * total // count}]'
+    ds = _read_episodes(builder, read, shuffle, seed)
+    return _map(ds, lambda raw: _columns(raw[spec.STEPS], layout, has_mc_return)[0]), decode
 
 
 def iter_steps(directory: PathLike, split: str = 'train',

@@ -34,6 +34,8 @@ from torch import distributed as dist
 from torch.nn import functional as F
 
 from robot_rl.data.replay import ReplayBuffer, TransitionBatch
+from robot_rl.data.rlds import ActionStats
+from robot_rl.data.transitions import LABELLINGS, VGPS_SUCCESS_STEPS, vgps_first_success
 from robot_rl.models import checkpoint
 from robot_rl.models.actor import TanhGaussianActor
 from robot_rl.models.critic import CHECKPOINT_FORMAT as CRITIC_FORMAT, save_critic
@@ -43,10 +45,6 @@ from robot_rl.types import ActionSpace, Episode, REWARD_STEP, REWARD_SUCCESS
 
 # ----------------------------------------------------------------------------- labelling
 
-LABELLINGS = ('dataset', 'vgps')
-"""'dataset': the stored rewards and is_terminal (our simulated data); 'vgps': every episode is
-a successful demonstration (V-GPS relabelling of Bridge/OXE data)."""
-VGPS_SUCCESS_STEPS = 3
 SOURCE_KEY = 'source'
 """Episode.metadata key naming where an episode came from ('<dir> [<split>] episode <i>')."""
 
@@ -60,7 +58,7 @@ def label_vgps(episode: Episode, success_steps: int = VGPS_SUCCESS_STEPS) -> Lis
     transitions with the same rewards, done flags and Monte-Carlo returns as V-GPS's.
     """
     count = episode.num_transitions
-    first = max(count - success_steps, 0)
+    first = vgps_first_success(count, success_steps)
     parts = [_terminal_slice(episode, 0, first + 1)]
     parts += [_terminal_slice(episode, t, t + 1) for t in range(first + 1, count)]
     return parts
@@ -150,6 +148,32 @@ def fit_action_space(episodes: Sequence[Episode], bounds: str = 'data',
         raise ValueError(f'action bounds must be one of {ACTION_BOUNDS}, got {bounds!r}')
     actions = np.concatenate([e.actions[:-1] for e in episodes])
     p01, p99 = np.percentile(actions.astype(np.float64), [1.0, 99.0], axis=0)
+    return _widened(p01, p99, margin)
+
+
+def action_space_from_stats(stats: Sequence[ActionStats], bounds: str = 'data',
+                            margin: float = 0.1) -> ActionSpace:
+    """fit_action_space from datasets' cached action statistics (rlds.compute_dataset_stats),
+    for data that is streamed rather than held: no pass over the episodes here.
+
+    'data': per dimension, from the lowest 1st percentile to the highest 99th percentile of the
+    datasets (each dataset's typical range inside the bounds), widened by `margin` as in
+    fit_action_space. The statistics cover every step, the episodes' final (padding) actions
+    included, so the bounds can differ slightly from fit_action_space's on the same episodes.
+    """
+    if bounds == 'bridge':
+        return ActionSpace.bridge()
+    if bounds != 'data':
+        raise ValueError(f'action bounds must be one of {ACTION_BOUNDS}, got {bounds!r}')
+    if not stats:
+        raise ValueError('action_space_from_stats needs the statistics of at least one dataset')
+    p01 = np.min([s.p01 for s in stats], axis=0)
+    p99 = np.max([s.p99 for s in stats], axis=0)
+    return _widened(p01, p99, margin)
+
+
+def _widened(p01: np.ndarray, p99: np.ndarray, margin: float) -> ActionSpace:
+    """[p01 - margin * width, p99 + margin * width]; a flat dimension takes Bridge's bounds."""
     width = p99 - p01
     bridge = ActionSpace.bridge()
     flat = width < 1e-6

@@ -6,15 +6,18 @@
 1. Config: dataclasses (the hydra schema lives in robot_rl.cli.train_critic), `validate()`.
 2. Ranks, device, seeds, run directory `<output_dir>/<data>__<exp>__<seed>__<unix time>`.
 3. Data: Bridge-format directories -> labelled episodes -> ONE ActionSpace (saved with every
-   checkpoint) -> an in-memory ReplayBuffer per source, mixed by weight; held-out episodes.
+   checkpoint) -> an in-memory ReplayBuffer per source, mixed by weight; or, with
+   `data.streaming=true`, labelled transitions streamed from RLDS (robot_rl.data.transitions)
+   with the ActionSpace taken from the datasets' cached statistics. Held-out episodes.
 4. Models: the critic, the tanh-Gaussian actor that supplies Cal-QL's policy samples, and
    CalQL (target critic, temperatures, optimisers). `resume=true` copies a checkpoint in.
 5. Loop: sample, augment, `update`; log train/ and time/, evaluate (eval/, charts/), keep
    checkpoints `last` and `best`.
 
 `main(cfg)` runs it all and `update(...)` is one step, so tests import both. Under torchrun
-every rank samples its own batches (its own seed) and steps on the mean gradient; rank 0 alone
-logs, evaluates and writes checkpoints. Checkpoints hold the global state (step, weights, every
+every rank samples its own batches (its own seed; streaming: its own disjoint shard of every
+source's episodes) and steps on the mean gradient; rank 0 alone logs, evaluates and writes
+checkpoints. Checkpoints hold the global state (step, weights, every
 optimiser's state, identical on all ranks), so a run resumes at any world size: batch_size stays
 the global batch, and each rank's sampling streams restart from (seed, rank, step).
 """
@@ -29,15 +32,16 @@ import math
 from pathlib import Path
 import platform
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 from omegaconf import MISSING
 import torch
 from tqdm import tqdm
 
+from robot_rl.data import oxe, transitions
 from robot_rl.data.layouts import LAYOUTS
-from robot_rl.data.replay import MixedSampler, ReplayBuffer
+from robot_rl.data.replay import MixedSampler, TransitionBatch
 from robot_rl.models.actor import TanhGaussianActor
 from robot_rl.models.critic import Critic, CriticConfig
 from robot_rl.rl import evaluate_critic, learner
@@ -84,6 +88,15 @@ class DataConfig:
     """Widening of the percentile range on each side, as a fraction of that range."""
     max_episodes: Optional[int] = None
     """Read at most this many episodes per source and split (quick runs); null = all."""
+    eval_max_episodes: Optional[int] = None
+    """Held-out episodes read into memory per source; null = max_episodes."""
+    streaming: bool = False
+    """Stream labelled transitions from RLDS (robot_rl.data.transitions) instead of holding
+    every episode in replay buffers: for mixtures larger than memory. action_bounds 'data' then
+    comes from each source's cached statistics (rlds.compute_dataset_stats), and every torchrun
+    rank reads its own disjoint shard of each source's episodes."""
+    shuffle_buffer: int = 10_000
+    """Streaming: transitions per source (and rank) in the shuffle buffer (frames encoded)."""
 
 
 @dataclasses.dataclass
@@ -148,6 +161,9 @@ class TrainCriticConfig:
             (d.bounds_margin >= 0, 'data.bounds_margin >= 0'),
             (d.image_size is None or 16 <= d.image_size <= 512, 'data.image_size in 16..512'),
             (d.max_episodes is None or d.max_episodes >= 1, 'data.max_episodes >= 1'),
+            (d.eval_max_episodes is None or d.eval_max_episodes >= 1,
+             'data.eval_max_episodes >= 1'),
+            (d.shuffle_buffer >= 0, 'data.shuffle_buffer >= 0'),
             (self.critic.action_dim == ACTION_DIM, f'critic.action_dim == {ACTION_DIM}'),
             (self.best_metric.startswith(('eval/', 'charts/')), 'best_metric: an eval/ metric'),
         ]
@@ -205,34 +221,69 @@ def seed_everything(cfg: TrainCriticConfig, world: learner.World, start_step: in
 
 
 class TrainData(NamedTuple):
-    sampler: MixedSampler
-    buffers: List[ReplayBuffer]       # one per source
+    batches: Iterator[TransitionBatch]  # this rank's (batch_size / ranks rows each), endless
     eval_episodes: List[Episode]      # held-out: actions normalised, mc_returns set
     action_space: ActionSpace
 
 
-def make_data(cfg: TrainCriticConfig, action_space: Optional[ActionSpace],
-              held_out: bool) -> TrainData:
-    """Read every source, fit the normaliser (unless resumed), fill one buffer per source;
-    with `held_out`, read the eval split too (only the rank that evaluates needs it).
+def make_data(cfg: TrainCriticConfig, world: learner.World, rng: np.random.Generator,
+              action_space: Optional[ActionSpace]) -> TrainData:
+    """This rank's training batches, the normaliser (fitted unless resumed) and, on the rank
+    that evaluates, the held-out episodes.
 
-    Non-finite rewards, returns or actions raise ValueError naming the source and episode.
+    In memory (default): read every source, fit the normaliser, fill one buffer per source,
+    mix by weight. Streaming: transitions.transition_dataset over this rank's shard, its
+    shuffle seeded from `rng` (so from seed, rank and start step).
+    Non-finite rewards, returns or actions raise ValueError naming the source (and episode).
     """
     d = cfg.data
-    per_source = [learner.read_source(s.path, s.split, s.labelling, d.image_size,
-                                      d.max_episodes, s.layout) for s in d.sources]
-    space = action_space or learner.fit_action_space(
-        [e for episodes in per_source for e in episodes], d.action_bounds, d.bounds_margin)
-    buffers = [learner.make_replay((learner.normalise_actions(e, space) for e in episodes),
-                                   cfg.algo.gamma) for episodes in per_source]
-    sampler = MixedSampler([(b, s.weight) for b, s in zip(buffers, d.sources)])
+    per_rank = cfg.batch_size // world.size
+    if d.streaming:
+        space, batches = _stream(cfg, world, rng, action_space, per_rank)
+    else:
+        per_source = [learner.read_source(s.path, s.split, s.labelling, d.image_size,
+                                          d.max_episodes, s.layout) for s in d.sources]
+        space = action_space or learner.fit_action_space(
+            [e for episodes in per_source for e in episodes], d.action_bounds, d.bounds_margin)
+        buffers = [learner.make_replay((learner.normalise_actions(e, space) for e in episodes),
+                                       cfg.algo.gamma) for episodes in per_source]
+        sampler = MixedSampler([(b, s.weight) for b, s in zip(buffers, d.sources)])
+        batches = _replay_batches(sampler, per_rank, rng)
     evaluation = []
-    if held_out and d.eval_split is not None:
+    if world.is_main and d.eval_split is not None:
+        limit = d.max_episodes if d.eval_max_episodes is None else d.eval_max_episodes
         for s in d.sources:
             evaluation += learner.read_source(s.path, d.eval_split, s.labelling, d.image_size,
-                                              d.max_episodes, s.layout)
-    return TrainData(sampler, buffers,
-                     evaluate_critic.prepare_episodes(evaluation, space, cfg.algo.gamma), space)
+                                              limit, s.layout)
+    return TrainData(batches, evaluate_critic.prepare_episodes(evaluation, space,
+                                                               cfg.algo.gamma), space)
+
+
+def _replay_batches(sampler: MixedSampler, batch_size: int,
+                    rng: np.random.Generator) -> Iterator[TransitionBatch]:
+    while True:
+        yield sampler.sample(batch_size, rng)
+
+
+def _stream(cfg: TrainCriticConfig, world: learner.World, rng: np.random.Generator,
+            action_space: Optional[ActionSpace], batch_size: int
+            ) -> Tuple[ActionSpace, Iterator[TransitionBatch]]:
+    """The streaming data path: the normaliser from cached statistics, and the batches."""
+    d = cfg.data
+    sources = [transitions.TransitionSource(f'{i}:{s.path}', s.path, s.split, s.layout,
+                                            s.weight, s.labelling)
+               for i, s in enumerate(d.sources)]
+    space = action_space
+    if space is None:
+        stats = oxe.load_stats(sources) if d.action_bounds == 'data' else {}
+        space = learner.action_space_from_stats([stats[s.key].action for s in sources],
+                                                d.action_bounds, d.bounds_margin)
+    size = None if d.image_size is None else (d.image_size, d.image_size)
+    ds = transitions.transition_dataset(
+        sources, batch_size=batch_size, gamma=cfg.algo.gamma, action_space=space,
+        image_size=size, shuffle_buffer=d.shuffle_buffer, seed=int(rng.integers(2 ** 31)),
+        shard=(world.rank, world.size), max_episodes=d.max_episodes)
+    return space, transitions.transition_batches(ds, f'{d.name} (rank {world.rank})')
 
 
 # ----------------------------------------------------------------------------- 4. models
@@ -330,7 +381,7 @@ def main(cfg: TrainCriticConfig) -> TrainResult:
         algo = make_algo(cfg, world, generator)
         if run.start_step:  # before reading data: a checkpoint that does not fit fails fast
             learner.load_training_checkpoint(run.checkpoints / 'last', algo)
-        data = make_data(cfg, run.action_space, held_out=world.is_main)
+        data = make_data(cfg, world, rng, run.action_space)
         share_across_ranks(algo, world)
         embed = learner.make_embed(cfg.critic.lang_dim, cfg.language_model, world.device)
         return train(cfg, world, run, data, algo, embed, rng, generator)
@@ -358,8 +409,7 @@ def train(cfg: TrainCriticConfig, world: learner.World, run: learner.Run, data: 
     try:
         for step in progress:
             tick = time.perf_counter()
-            replay = data.sampler.sample(cfg.batch_size // world.size, rng)
-            batch = learner.to_calql_batch(replay, embed, world.device, augment)
+            batch = learner.to_calql_batch(next(data.batches), embed, world.device, augment)
             try:
                 window.append(update(algo, batch, world, step))
             except FloatingPointError as err:
