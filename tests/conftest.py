@@ -30,3 +30,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ros_driver(tmp_path):
+    """T1: an rclpy driver node in a fresh loopback ROS domain (tests/ros_harness.Driver); the
+    node processes it started are stopped afterwards."""
+    from ros_harness import Driver
+    driver = Driver(tmp_path)
+    yield driver
+    driver.close()

@@ -99,3 +99,40 @@ def spin_until(executor, predicate: Callable[[], bool], timeout: float,
                 raise AssertionError(f'{p.name} exited while waiting for {what}:\n{p.log()}')
     logs = '\n'.join(f'--- {p.name}\n{p.log()[-3000:]}' for p in procs)
     raise AssertionError(f'timed out after {timeout} s waiting for {what}\n{logs}')
+
+
+class Driver:
+    """An rclpy test node in its own context and ROS domain, plus the node processes it
+    started (by name); `close` stops them all."""
+
+    def __init__(self, tmp: Path, node_name: str = 't1_driver'):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        self.tmp = tmp
+        self.domain = unique_domain_id()
+        self.env = loopback_env(self.domain)
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=self.domain)
+        self.node = rclpy.create_node(node_name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.procs: Dict[str, NodeProcess] = {}
+
+    def start(self, name: str, executable: str, params: Dict[str, Any]) -> NodeProcess:
+        self.procs[name] = NodeProcess(executable, params, self.tmp, self.env, name=name)
+        return self.procs[name]
+
+    def wait(self, predicate, timeout, what):
+        spin_until(self.executor, predicate, timeout, what, list(self.procs.values()))
+
+    def spin_for(self, seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=0.02)
+
+    def close(self):
+        for p in self.procs.values():
+            p.stop()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()

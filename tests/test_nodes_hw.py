@@ -6,12 +6,9 @@ interbotix_xs_msgs is not installed) from joint states this test publishes. Boun
 has a timeout.
 """
 
-import time
-
 import numpy as np
 import pytest
-from ros_harness import (loopback_env, NodeProcess, ros_available, spin_until,
-                         unique_domain_id)
+from ros_harness import ros_available
 
 reason = ros_available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or '')
@@ -24,51 +21,11 @@ MAX_JOINT_STEP = 0.2
 RATE_HZ = 10.0
 
 
-class Driver:
-    """An rclpy test node in its own context, plus the node processes it started."""
-
-    def __init__(self, tmp):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        self.tmp = tmp
-        self.domain = unique_domain_id()
-        self.env = loopback_env(self.domain)
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=self.domain)
-        self.node = rclpy.create_node('t1_hw_driver', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.procs = []
-
-    def start(self, executable, params, name):
-        proc = NodeProcess(executable, params, self.tmp, self.env, name=name)
-        self.procs.append(proc)
-        return proc
-
-    def wait(self, predicate, timeout, what):
-        spin_until(self.executor, predicate, timeout, what, self.procs)
-
-    def spin_for(self, seconds):
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.executor.spin_once(timeout_sec=0.02)
-
-    def close(self):
-        for p in self.procs:
-            p.stop()
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
+VIDEO_FRAMES = 200
+"""10 s at 20 Hz: time for discovery on a loaded machine before the file ends."""
 
 
-@pytest.fixture
-def driver(tmp_path):
-    d = Driver(tmp_path)
-    yield d
-    d.close()
-
-
-def write_video(path, frames=8, size=(160, 120)):
+def write_video(path, frames=VIDEO_FRAMES, size=(160, 120)):
     import cv2
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 10.0, size)
     assert writer.isOpened(), 'OpenCV cannot write MJPG video here'
@@ -79,7 +36,8 @@ def write_video(path, frames=8, size=(160, 120)):
     writer.release()
 
 
-def test_camera_node_publishes_rgb_and_jpeg_frames_and_survives_the_end_of_input(driver):
+def test_camera_node_publishes_rgb_and_jpeg_frames_and_survives_the_end_of_input(ros_driver):
+    driver = ros_driver
     import cv2
     from sensor_msgs.msg import CompressedImage, Image
 
@@ -91,8 +49,8 @@ def test_camera_node_publishes_rgb_and_jpeg_frames_and_survives_the_end_of_input
     driver.node.create_subscription(Image, 'camera/image_raw', raw.append, SENSOR_QOS)
     driver.node.create_subscription(CompressedImage, 'camera/image_raw/compressed',
                                     compressed.append, SENSOR_QOS)
-    camera = driver.start('camera', {'device': str(video), 'width': 160, 'height': 120,
-                                     'output_size': 64, 'rate_hz': 20.0}, 'camera')
+    camera = driver.start('camera', 'camera', {
+        'device': str(video), 'width': 160, 'height': 120, 'output_size': 64, 'rate_hz': 20.0})
     driver.wait(lambda: raw and compressed, 60, 'camera frames')
 
     rgb = conv.image_to_rgb(raw[0])
@@ -105,15 +63,16 @@ def test_camera_node_publishes_rgb_and_jpeg_frames_and_survives_the_end_of_input
     assert decoded.shape == (64, 64, 3)
     assert np.abs(decoded.reshape(-1, 3).mean(axis=0) - RED_BGR).max() < 40
 
-    # 8 frames at 20 Hz: the file ends within a second; reads then fail, are logged, and the
-    # node keeps running instead of crashing the camera pipeline.
-    driver.wait(lambda: 'camera read failed' in camera.log(), 30, 'the end of the video')
+    # When the file ends, reads fail, are logged, and the node keeps running instead of
+    # crashing the camera pipeline.
+    driver.wait(lambda: 'camera read failed' in camera.log(), 60, 'the end of the video')
     assert camera.alive()
-    assert len(raw) <= 8
+    assert len(raw) <= VIDEO_FRAMES
 
 
-def test_camera_node_names_a_device_it_cannot_open(driver):
-    camera = driver.start('camera', {'device': str(driver.tmp / 'missing.avi')}, 'camera_bad')
+def test_camera_node_names_a_device_it_cannot_open(ros_driver):
+    driver = ros_driver
+    camera = driver.start('camera_bad', 'camera', {'device': str(driver.tmp / 'missing.avi')})
     camera.proc.wait(60)
     assert camera.proc.returncode != 0
     assert 'cannot open camera' in camera.log() and 'missing.avi' in camera.log()
@@ -125,7 +84,8 @@ def joint_limits():
     return ik.lower, ik.upper
 
 
-def test_widowx_node_sends_clamped_trajectories_holds_on_silence_and_on_estop(driver):
+def test_widowx_node_sends_clamped_trajectories_holds_on_silence_and_on_estop(ros_driver):
+    driver = ros_driver
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Bool, Float32MultiArray
     from trajectory_msgs.msg import JointTrajectory
@@ -142,10 +102,10 @@ def test_widowx_node_sends_clamped_trajectories_holds_on_silence_and_on_estop(dr
     pub_action = driver.node.create_publisher(Float32MultiArray, 'action', COMMAND_QOS)
     pub_joints = driver.node.create_publisher(JointState, f'/{ROBOT}/joint_states', SENSOR_QOS)
     pub_estop = driver.node.create_publisher(Bool, 'estop', LATCHED_QOS)
-    widowx = driver.start('widowx', {
+    widowx = driver.start('widowx', 'widowx', {
         'robot_model': ROBOT, 'command_interface': 'trajectory', 'control_rate_hz': RATE_HZ,
         'max_joint_step': MAX_JOINT_STEP, 'workspace_low': WORKSPACE_LOW,
-        'workspace_high': WORKSPACE_HIGH}, 'widowx')
+        'workspace_high': WORKSPACE_HIGH})
     driver.wait(lambda: pub_action.get_subscription_count() > 0
                 and pub_joints.get_subscription_count() > 0, 60, 'widowx start')
     names = list(ARM_JOINTS) + ['gripper']

@@ -10,8 +10,7 @@ import signal
 
 import numpy as np
 import pytest
-from ros_harness import (loopback_env, NodeProcess, ros_available, spin_until,
-                         unique_domain_id)
+from ros_harness import Driver, ros_available
 
 reason = ros_available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or '')
@@ -19,23 +18,14 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=reason or '')
 EPISODE_STEPS = 6
 
 
-class Graph:
+class Graph(Driver):
     """The node processes plus an rclpy test node recording what the graph publishes."""
 
     def __init__(self, tmp):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+        super().__init__(tmp)
         from std_msgs.msg import Float32MultiArray, Int64, String, UInt8MultiArray
 
         from robot_rl.nodes.ros_common import COMMAND_QOS, history_qos, LATCHED_QOS
-        self.tmp = tmp
-        self.domain = unique_domain_id()
-        self.env = loopback_env(self.domain)
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=self.domain)
-        self.node = rclpy.create_node('t1_driver', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
         self.actions, self.versions, self.status, self.batches = [], [], [], []
         self.node.create_subscription(Float32MultiArray, 'action', self._on_action, COMMAND_QOS)
         self.node.create_subscription(Int64, 'policy/version',
@@ -45,7 +35,6 @@ class Graph:
                                       COMMAND_QOS)
         self.node.create_subscription(UInt8MultiArray, 'transitions', self._on_batch,
                                       history_qos(1000))
-        self.procs = {}
 
     def _on_action(self, msg):
         self.actions.append((self.node.get_clock().now().nanoseconds * 1e-9,
@@ -56,25 +45,11 @@ class Graph:
         from robot_rl.transport import decode_steps
         self.batches.append(decode_steps(uint8_multiarray_bytes(msg)))
 
-    def start(self, name, executable, params):
-        self.procs[name] = NodeProcess(executable, params, self.tmp, self.env, name=name)
-        return self.procs[name]
-
-    def wait(self, predicate, timeout, what):
-        spin_until(self.executor, predicate, timeout, what, list(self.procs.values()))
-
     def closed_episodes(self):
         return {(b.actor, b.episode) for b in self.batches if any(s.is_last for s in b.steps)}
 
     def last_status(self):
         return self.status[-1] if self.status else {}
-
-    def close(self):
-        for p in self.procs.values():
-            p.stop()
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
 
 
 LEARNER_PARAMS = {'replay_dir': 'learner/replay', 'checkpoint_dir': 'learner/ckpt',

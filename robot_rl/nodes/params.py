@@ -107,6 +107,8 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
         P('bag', True, 'Record the camera, action, event and instruction topics to MCAP.'),
         P('image_format', 'jpeg', 'RLDS image encoding: jpeg or png.'),
         P('flush_period_s', 1.0, 'How often closed episodes are written out (s).', 0.05, 600.0),
+        P('label_grace_s', 2.0, 'A closed episode waits this long for a late label before it '
+          'is appended to the RLDS dataset (s).', 0.0, 600.0),
     ],
     'widowx': [
         P('robot_model', 'wx250s', 'Interbotix robot name (topic namespace /<robot>/...).',

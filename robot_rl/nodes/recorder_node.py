@@ -13,8 +13,12 @@ Subscribes:
                                 actions) are listed under "intervention_steps"
 No rosbag2 wheel exists on PyPI, so the bag is written with the `rosbags` writer (rosbag2
 layout, metadata.yaml + MCAP storage, Jazzy message definitions); `ros2 bag info` reads it.
-The RLDS dataset is rewritten (atomically, robot_rl.data.rlds.write_dataset) each flush period
-in which an episode closed, so it always holds every closed episode of this run.
+Closed episodes are appended to the RLDS dataset (robot_rl.data.rlds.append_episodes: one new
+shard per flush, nothing rewritten) once label_grace_s has passed since they closed, so a label
+that arrives just after an episode's last transitions is still in its metadata. A restarted
+recorder continues the same dataset and opens a new bag directory (bag, bag_1, ...); episodes
+still waiting are written when the node shuts down. A failed write (disk full, a camera whose
+size changed) is logged and retried each period; the episodes stay in memory meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 from pathlib import Path
 import threading
+import time
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -58,13 +63,17 @@ class RecorderNode(Node):
         self.out = Path(self.p['output_dir'])
         self.out.mkdir(parents=True, exist_ok=True)
         self.assembler = EpisodeAssembler()
-        self.episodes, self.dirty = [], False
+        self.pending = []  # (monotonic time closed, Episode) not yet written
+        self.pending_lock = threading.Lock()  # the flush timer runs beside the subscriptions
+        self.written = set()  # (actor, episode) already in the dataset
         self.results = {}  # episode id -> the episode manager's result (JSON object)
         self.lock = threading.Lock()
         self.bag = self.connections = None
         if self.p['bag']:
             self.open_bag()
         if self.p['rlds']:
+            from robot_rl.data.bridge_spec import import_tf
+            import_tf()  # now, not in the shutdown flush: a stopping node should stop fast
             self.create_subscription(UInt8MultiArray, 'transitions', self.on_transitions,
                                      history_qos(1000))
             self.create_subscription(String, 'episode/result', self.on_result,
@@ -76,7 +85,8 @@ class RecorderNode(Node):
         from rosbags.rosbag2 import StoragePlugin, Writer
         from rosbags.typesys import get_typestore, Stores
         store = get_typestore(Stores.ROS2_JAZZY)
-        self.bag = Writer(self.out / 'bag', version=9, storage_plugin=StoragePlugin.MCAP)
+        self.bag = Writer(free_path(self.out / 'bag'), version=9,
+                          storage_plugin=StoragePlugin.MCAP)
         self.bag.open()
         self.connections = {}
         for topic, msg_type, type_name, qos in BAG_TOPICS:
@@ -99,10 +109,10 @@ class RecorderNode(Node):
             self.get_logger().error(f'transition message dropped: {exc}')
             return
         for (actor, episode), instruction, steps in self.assembler.add(batch):
-            self.episodes.append(records_to_episode(
-                instruction, steps, {'actor': actor, 'episode': episode,
-                                     **step_metadata(steps)}))
-            self.dirty = True
+            episode = records_to_episode(instruction, steps, {
+                'actor': actor, 'episode': episode, **step_metadata(steps)})
+            with self.pending_lock:
+                self.pending.append((time.monotonic(), episode))
 
     def on_result(self, msg: String) -> None:
         try:
@@ -111,28 +121,51 @@ class RecorderNode(Node):
             self.get_logger().error(f'episode result dropped: {exc}')
             return
         self.results[episode] = json.loads(msg.data)
-        self.dirty = True
+        if any(e == episode for _, e in self.written):
+            self.get_logger().warn(f'the label of episode {episode} came after the episode was '
+                                   'written to RLDS: it is in the bag only')
 
-    def flush_rlds(self) -> None:
-        if not self.dirty:
+    def flush_rlds(self, everything: bool = False) -> None:
+        """Append the episodes closed at least label_grace_s ago (all of them: `everything`)."""
+        from robot_rl.data.rlds import append_episodes
+        cutoff = time.monotonic() - self.p['label_grace_s']
+        with self.pending_lock:
+            ready = [e for closed, e in self.pending if everything or closed <= cutoff]
+        if not ready:
             return
-        self.dirty = False
-        from robot_rl.data.rlds import write_dataset
-        episodes = list(self.episodes)
-        for e in episodes:  # a label may come after the episode's last transitions
+        for e in ready:  # a label may come after the episode's last transitions
             if e.metadata['episode'] in self.results:
                 e.metadata.update(result_metadata(self.results[e.metadata['episode']]))
-        path = write_dataset({'train': episodes}, self.out / 'rlds',
-                             name=self.p['dataset_name'], image_format=self.p['image_format'],
-                             overwrite=True)
-        self.get_logger().info(f'RLDS: {len(episodes)} episodes in {path}')
+        try:
+            path = append_episodes(ready, self.out / 'rlds', name=self.p['dataset_name'],
+                                   image_format=self.p['image_format'])
+        except (OSError, ValueError) as exc:
+            self.get_logger().error(f'RLDS write of {len(ready)} episodes failed, kept in '
+                                    f'memory and retried: {exc}', throttle_duration_sec=30.0)
+            return
+        done = {id(e) for e in ready}
+        with self.pending_lock:
+            self.pending = [(t, e) for t, e in self.pending if id(e) not in done]
+        self.written.update((e.metadata['actor'], e.metadata['episode']) for e in ready)
+        self.get_logger().info(f'RLDS: {len(ready)} episodes appended to {path}')
 
     def destroy_node(self):
+        if self.p['rlds']:
+            self.flush_rlds(everything=True)
         with self.lock:
             if self.bag is not None:
                 self.bag.close()
                 self.bag = None
         return super().destroy_node()
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or the first of path_1, path_2, ... that does not exist (a restarted node)."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f'{path.name}_{n}')
+    return candidate
 
 
 def main(args=None):
