@@ -15,9 +15,10 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
+import numpy as np
 
 from robot_rl.cli.config import hydra_main
 from robot_rl.rewards import classifier as rc
@@ -69,7 +70,8 @@ class TrainRewardConfig:
 ConfigStore.instance().store(name='train_reward_schema', node=TrainRewardConfig)
 
 
-def read_frames(cfg: TrainRewardConfig, split_of) -> Optional[rc.Frames]:
+def read_frames(cfg: TrainRewardConfig, split_of) -> List[Tuple[str, rc.Frames]]:
+    """(source path, its frames) of every source that has the split `split_of(source)`."""
     from robot_rl.data.rlds import iter_episodes
 
     parts = []
@@ -83,30 +85,37 @@ def read_frames(cfg: TrainRewardConfig, split_of) -> Optional[rc.Frames]:
             if source.max_episodes is not None and i >= source.max_episodes:
                 break
             episodes.append(episode)
-        parts.append(rc.frames_from_episodes(episodes, source.labelling,
-                                             cfg.negatives_per_episode))
-    return rc.concat(parts) if parts else None
+        parts.append((source.path, rc.frames_from_episodes(episodes, source.labelling,
+                                                           cfg.negatives_per_episode)))
+    return parts
 
 
 def run(cfg: TrainRewardConfig) -> dict:
-    """Train, evaluate on held-out episodes, save; returns the held-out metrics."""
+    """Train, evaluate on held-out episodes (all sources, then each), save; returns metrics."""
     import torch
 
     from robot_rl.rl.learner import make_embed, resolve_device
     cfg.validate()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    train_frames = read_frames(cfg, lambda s: s.split)
+    train_frames = rc.concat([f for _, f in read_frames(cfg, lambda s: s.split)])
     held_out = read_frames(cfg, lambda s: s.eval_split)
     model = rc.SuccessClassifier(cfg.model).to(device)
     embed = make_embed(cfg.model.lang_dim, cfg.language_model, device)
     losses = rc.train(model, train_frames, embed, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
     results = {'train/loss_last100': float(sum(losses[-100:]) / len(losses[-100:])),
                'train/frames': len(train_frames)}
-    if held_out is not None:
-        probs = rc.probabilities(model, held_out.images, held_out.instructions, embed)
+    scored = []
+    for path, frames in held_out:
+        probs = rc.probabilities(model, frames.images, frames.instructions, embed)
+        scored.append((probs, frames.labels))
+        if len(held_out) > 1:
+            results.update({f'eval/{path}/{k}': v for k, v in rc.metrics(
+                probs, frames.labels, cfg.threshold, cfg.confidence).items()})
+    if scored:
         results.update({f'eval/{k}': v for k, v in rc.metrics(
-            probs, held_out.labels, cfg.threshold, cfg.confidence).items()})
+            np.concatenate([p for p, _ in scored]), np.concatenate([y for _, y in scored]),
+            cfg.threshold, cfg.confidence).items()})
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rc.save_classifier(out / 'classifier.safetensors', model, {'metrics': results})
