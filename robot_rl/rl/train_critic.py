@@ -265,6 +265,22 @@ def _replay_batches(sampler: MixedSampler, batch_size: int,
         yield sampler.sample(batch_size, rng)
 
 
+def _shared_space(cfg: TrainCriticConfig, world: learner.World,
+                  sources: List[transitions.TransitionSource]) -> ActionSpace:
+    """Rank 0's normaliser from the sources' statistics (computed once, cached beside the
+    data where it is writable), broadcast so every rank normalises identically."""
+    d = cfg.data
+    bounds = torch.zeros(2, ACTION_DIM, dtype=torch.float64, device=world.device)
+    if world.is_main:
+        stats = oxe.load_stats(sources).values() if d.action_bounds == 'data' else ()
+        space = learner.action_space_from_stats([s.action for s in stats], d.action_bounds,
+                                                d.bounds_margin)
+        bounds.copy_(torch.from_numpy(np.stack([space.low, space.high])))
+    learner.broadcast_from_main([bounds], world)
+    low, high = bounds.cpu().numpy()
+    return ActionSpace(low=low, high=high)
+
+
 def _stream(cfg: TrainCriticConfig, world: learner.World, rng: np.random.Generator,
             action_space: Optional[ActionSpace], batch_size: int
             ) -> Tuple[ActionSpace, Iterator[TransitionBatch]]:
@@ -273,11 +289,7 @@ def _stream(cfg: TrainCriticConfig, world: learner.World, rng: np.random.Generat
     sources = [transitions.TransitionSource(f'{i}:{s.path}', s.path, s.split, s.layout,
                                             s.weight, s.labelling)
                for i, s in enumerate(d.sources)]
-    space = action_space
-    if space is None:
-        stats = oxe.load_stats(sources) if d.action_bounds == 'data' else {}
-        space = learner.action_space_from_stats([stats[s.key].action for s in sources],
-                                                d.action_bounds, d.bounds_margin)
+    space = action_space or _shared_space(cfg, world, sources)
     size = None if d.image_size is None else (d.image_size, d.image_size)
     ds = transitions.transition_dataset(
         sources, batch_size=batch_size, gamma=cfg.algo.gamma, action_space=space,
