@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from policies.base import POLICIES
 from robot_rl.models import checkpoint
+from robot_rl.models.language import shared_encoder
 from robot_rl.models.resnet import ResNetEncoder
 from robot_rl.types import ACTION_DIM, ActionSpace, fit_image, IMAGE_KEY, Observation
 
@@ -45,18 +46,6 @@ class PolicyBatch(NamedTuple):
     lang_emb: torch.Tensor  # float32 (B, lang_dim)
     actions: torch.Tensor   # float32 (B, H, 7), normalised to [-1, 1]
     mask: torch.Tensor      # float32 (B, H): 1 where the chunk step exists, 0 past the episode end
-
-
-_LANGUAGE_ENCODERS: Dict[Tuple[str, str], Any] = {}
-
-
-def shared_language_encoder(path: Optional[str], device: Union[str, torch.device]):
-    """One frozen LanguageEncoder per (path, device) in the process: loading costs seconds."""
-    from robot_rl.models.language import LanguageEncoder
-    key = (str(path), str(device))
-    if key not in _LANGUAGE_ENCODERS:
-        _LANGUAGE_ENCODERS[key] = LanguageEncoder(path, device)
-    return _LANGUAGE_ENCODERS[key]
 
 
 class ChunkPolicy(nn.Module):
@@ -116,7 +105,7 @@ class ChunkPolicy(nn.Module):
         for text in instructions:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f'instruction must be a non-empty string, got {text!r}')
-        encoder = shared_language_encoder(self.language_model, self.device)
+        encoder = shared_encoder(self.language_model, self.device)
         if encoder.dim != self.encoder_config.lang_dim:
             raise ValueError(f'language model gives {encoder.dim}-d embeddings, the policy '
                              f'expects {self.encoder_config.lang_dim}')
@@ -200,4 +189,4 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ['ACTION_DIM', 'ChunkPolicy', 'EncoderConfig', 'PolicyBatch', 'load_policy',
-           'masked_mean', 'save_policy', 'shared_language_encoder']
+           'masked_mean', 'save_policy']

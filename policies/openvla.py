@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from policies.base import check_action_chunks, register_policy
-from policies.common import masked_mean, PolicyBatch, shared_language_encoder
+from policies.common import masked_mean, PolicyBatch
+from robot_rl.models.language import shared_encoder
 from robot_rl.types import ACTION_DIM, ActionSpace, IMAGE_KEY, Observation
 
 logger = logging.getLogger(__name__)
@@ -470,7 +471,7 @@ class OpenVLAPolicy(nn.Module):
 
     def embed(self, instructions: Sequence[str]) -> torch.Tensor:
         """(B, D) sentence embeddings (the critic's language encoder), remembered by text."""
-        embeddings = shared_language_encoder(self.language_model, self.device).embed(
+        embeddings = shared_encoder(self.language_model, self.device).embed(
             list(instructions))
         self.remember_instructions(instructions, embeddings)
         return embeddings

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch.nn import functional as F
@@ -80,3 +80,16 @@ class LanguageEncoder:
         if not texts:
             return torch.zeros(0, self.dim, device=self.device)
         return torch.stack([self.cache[t] for t in texts])
+
+
+_SHARED: Dict[Tuple[str, str], LanguageEncoder] = {}
+
+
+def shared_encoder(path: Optional[Union[str, Path]] = None,
+                   device: Union[str, torch.device] = 'cpu') -> LanguageEncoder:
+    """One frozen encoder per (model path, device) in the process: loading takes seconds, and
+    the policy, the critic and the learner embed the same few instructions."""
+    key = (str(path), str(torch.device(device)))
+    if key not in _SHARED:
+        _SHARED[key] = LanguageEncoder(path, device)
+    return _SHARED[key]

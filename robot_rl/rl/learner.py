@@ -39,7 +39,7 @@ from robot_rl.data.transitions import LABELLINGS, VGPS_SUCCESS_STEPS, vgps_first
 from robot_rl.models import checkpoint
 from robot_rl.models.actor import TanhGaussianActor
 from robot_rl.models.critic import CHECKPOINT_FORMAT as CRITIC_FORMAT, save_critic
-from robot_rl.models.language import LanguageEncoder
+from robot_rl.models.language import shared_encoder
 from robot_rl.rl.calql import CalQL, CalQLBatch
 from robot_rl.types import ActionSpace, Episode, REWARD_STEP, REWARD_SUCCESS
 
@@ -212,16 +212,11 @@ Embed = Callable[[Sequence[str]], Optional[torch.Tensor]]
 
 
 @functools.lru_cache(maxsize=2)
-def language_encoder(path: Optional[str], device: str) -> LanguageEncoder:
-    """The frozen sentence encoder, loaded once per process (it takes seconds to load)."""
-    return LanguageEncoder(path, device=device)
-
-
 def make_embed(lang_dim: int, path: Optional[str], device: torch.device) -> Embed:
     """Embedding function for a critic with `lang_dim` (0 = no language: always None)."""
     if lang_dim == 0:
         return lambda texts: None
-    encoder = language_encoder(path, str(device))
+    encoder = shared_encoder(path, device)
     if encoder.dim != lang_dim:
         raise ValueError(f'critic.lang_dim is {lang_dim} but the language model '
                          f'{encoder.path} gives {encoder.dim}-d embeddings')
