@@ -11,8 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from ros_harness import (loopback_env, NodeProcess, ros_available, spin_until,
-                         unique_domain_id)
+from ros_harness import Driver, ros_available
 
 reason = ros_available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or '')
@@ -21,24 +20,15 @@ MAX_STEPS = 25
 TELEOP = [0.02, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
-class Session:
+class Session(Driver):
     """sim + policy + episode_manager + recorder, and an rclpy driver node."""
 
     def __init__(self, tmp):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+        super().__init__(tmp, 't1_operator')
         from std_msgs.msg import Float32MultiArray, String, UInt8MultiArray
         from std_srvs.srv import SetBool
 
         from robot_rl.nodes.ros_common import COMMAND_QOS, history_qos, LATCHED_QOS
-        self.tmp = tmp
-        self.domain = unique_domain_id()
-        self.env = loopback_env(self.domain)
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=self.domain)
-        self.node = rclpy.create_node('t1_operator', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
         self.states, self.results, self.feedback, self.actions, self.batches = [], [], [], [], []
         n = self.node
         n.create_subscription(String, 'episode/state',
@@ -55,23 +45,11 @@ class Session:
         self.pub_label = n.create_publisher(String, 'label', COMMAND_QOS)
         self.pub_teleop = n.create_publisher(Float32MultiArray, 'teleop/action', COMMAND_QOS)
         self.label_client = n.create_client(SetBool, 'label')
-        self.procs = {}
 
     def _on_batch(self, msg):
         from robot_rl.nodes.conversions import uint8_multiarray_bytes
         from robot_rl.transport import decode_steps
         self.batches.append(decode_steps(uint8_multiarray_bytes(msg)))
-
-    def start(self, name, executable, params):
-        self.procs[name] = NodeProcess(executable, params, self.tmp, self.env, name=name)
-
-    def wait(self, predicate, timeout, what):
-        spin_until(self.executor, predicate, timeout, what, list(self.procs.values()))
-
-    def spin_for(self, seconds):
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.executor.spin_once(timeout_sec=0.05)
 
     def command(self, name):
         from std_msgs.msg import String
@@ -106,13 +84,6 @@ class Session:
     def closed(self, episode):
         steps = self.episode_steps(episode)
         return bool(steps) and steps[-1].is_last and len(steps) == steps[-1].step + 1
-
-    def close(self):
-        for p in self.procs.values():
-            p.stop()
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.context.try_shutdown()
 
 
 @pytest.fixture(scope='module')
