@@ -7,17 +7,15 @@ frames, dictionary actions with known gripper commands, poses with known quatern
 """
 
 import json
-import os
 from pathlib import Path
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from omegaconf import OmegaConf
 import pytest
 from safetensors.torch import load_file
 import torch
+from torchrun_harness import run_critic_ranks
 
 import robot_rl.cli.train_critic  # noqa: F401  (stores the hydra schema)
 from robot_rl.cli.config import compose
@@ -26,8 +24,6 @@ from robot_rl.data.bridge_spec import import_tf
 from robot_rl.rl.train_critic import main
 from robot_rl.types import IMAGE_KEY
 
-BIN = Path(sys.executable).parent
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FRAME = (48, 64, 3)
 # gripper_closedness_action per episode (+1 close, -1 open, 0 no change) and the absolute
 # gripper (1 open, 0 closed) the fractal layout must give.
@@ -227,30 +223,6 @@ def test_mixture_interleaves_by_weight_and_feeds_torch(bridge_debug_dir, fractal
 # ----------------------------------------------------------------------------- training
 
 
-def run_worker(tmp_path: Path, nproc: int, overrides):
-    """torchrun with `nproc` gloo CPU ranks; each saves its final critic as rank<r>.st."""
-    worker = tmp_path / 'worker.py'
-    worker.write_text(
-        'import os, sys\n'
-        'from omegaconf import OmegaConf\n'
-        'from safetensors.torch import save_file\n'
-        'import robot_rl.cli.train_critic  # noqa: F401\n'
-        'from robot_rl.cli.config import compose\n'
-        'from robot_rl.rl.train_critic import main\n'
-        'result = main(OmegaConf.to_object(compose("train_critic", sys.argv[2:])))\n'
-        'state = {k: v.contiguous() for k, v in result.algo.critic.state_dict().items()}\n'
-        'save_file(state, os.path.join(sys.argv[1], f"rank{os.environ[\'RANK\']}.st"))\n')
-    for old in tmp_path.glob('rank*.st'):
-        old.unlink()
-    command = [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', str(nproc),
-               str(worker), str(tmp_path), *overrides]
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), OMP_NUM_THREADS='1')
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return [load_file(tmp_path / f'rank{r}.st') for r in range(nproc)]
-
-
 def last_state(run_dir: Path):
     """(sidecar extra, Adam step count of the critic optimiser) of the `last` checkpoint."""
     last = run_dir / 'checkpoints' / 'last'
@@ -279,7 +251,7 @@ def test_mixture_pretraining_resumes_across_world_sizes(bridge_debug_dir, fracta
     assert [s['layout'] for s in extra['config']['data']['sources']] == ['bridge', 'fractal']
     before = load_file(run_dir / 'checkpoints' / 'last' / 'critic.safetensors')
 
-    rank0, rank1 = run_worker(tmp_path, 2, overrides + ['steps=6', 'resume=true'])
+    rank0, rank1 = run_critic_ranks(tmp_path, 2, overrides + ['steps=6', 'resume=true'])
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     extra, adam_steps = last_state(run_dir)

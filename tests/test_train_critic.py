@@ -7,7 +7,6 @@ succeeds, pushing left fails), and the real Bridge sample where present.
 """
 
 import math
-import os
 from pathlib import Path
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import sys
 import numpy as np
 from omegaconf import OmegaConf
 import pytest
-from safetensors.torch import load_file
 import torch
+from torchrun_harness import run_critic_ranks
 
 import robot_rl.cli.train_critic  # noqa: F401  (stores the hydra schema)
 from robot_rl.cli.config import compose
@@ -28,7 +27,6 @@ from robot_rl.rl.train_critic import main
 from robot_rl.types import ActionSpace, Episode
 
 BIN = Path(sys.executable).parent
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 INSTRUCTION = 'move the gripper to the right edge'
 # A tiny critic and actor; the tests' budgets are steps, not minutes.
@@ -304,26 +302,9 @@ def test_bridge_sample_td_loss_falls(bridge_debug_dir, tmp_path):
 
 def test_two_gloo_ranks_end_with_identical_weights(bars, tmp_path):
     """torchrun, 2 CPU processes on gloo: different batches per rank, one mean gradient."""
-    worker = tmp_path / 'worker.py'
-    worker.write_text(
-        'import os, sys\n'
-        'from omegaconf import OmegaConf\n'
-        'from safetensors.torch import save_file\n'
-        'import robot_rl.cli.train_critic  # noqa: F401\n'
-        'from robot_rl.cli.config import compose\n'
-        'from robot_rl.rl.train_critic import main\n'
-        'result = main(OmegaConf.to_object(compose("train_critic", sys.argv[2:])))\n'
-        'state = {k: v.contiguous() for k, v in result.algo.critic.state_dict().items()}\n'
-        'save_file(state, os.path.join(sys.argv[1], f"rank{os.environ[\'RANK\']}.st"))\n')
-    command = [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2', str(worker),
-               str(tmp_path), 'data=sim', f'data.sources.0.path={bars}', *TINY,
-               'critic.lang_dim=0', 'steps=6', 'data.eval_split=null',
-               f'output_dir={tmp_path / "runs"}']
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))  # the worker imports robot_rl
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    rank0, rank1 = (load_file(tmp_path / f'rank{r}.st') for r in (0, 1))
+    rank0, rank1 = run_critic_ranks(tmp_path, 2, [
+        'data=sim', f'data.sources.0.path={bars}', *TINY, 'critic.lang_dim=0', 'steps=6',
+        'data.eval_split=null', f'output_dir={tmp_path / "runs"}'])
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
