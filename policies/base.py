@@ -7,7 +7,7 @@ observation once and samples `num_samples` chunks from it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Protocol, runtime_checkable, Type
+from typing import Any, Callable, Dict, Mapping, Protocol, runtime_checkable, Sequence, Type
 
 import numpy as np
 
@@ -59,3 +59,37 @@ def check_action_chunks(actions: np.ndarray, num_samples: int, horizon: int) -> 
     if not np.isfinite(actions).all():
         raise ValueError('policy returned non-finite actions')
     return actions
+
+
+def dataset_action_stats(table: Mapping[str, Any], dataset_key: str, fields: Sequence[str],
+                         source: str) -> Dict[str, np.ndarray]:
+    """`fields` (float64) and 'mask' (bool), each (7,), of `dataset_key`'s action statistics in
+    an Open X-Embodiment-style table {dataset key: {'action': {field: values}}} (Octo's
+    dataset_statistics, OpenVLA's norm_stats).
+
+    A missing key, entry or field, a wrong length or a non-finite value is a ValueError naming
+    the dataset key (and the keys that exist): un-normalising with another dataset's statistics,
+    or none, would move the robot by the wrong amounts without any other sign. A missing `mask`
+    means every dimension is normalised (both models' default).
+    """
+    if dataset_key not in table:
+        raise ValueError(f'{source} has no action statistics for dataset key {dataset_key!r}; '
+                         f'it has {sorted(table)}')
+    entry = table[dataset_key]
+    action = entry.get('action') if isinstance(entry, Mapping) else None
+    if not isinstance(action, Mapping):
+        raise ValueError(f'statistics of dataset key {dataset_key!r} in {source} have no '
+                         "'action' entry")
+    missing = [name for name in fields if name not in action]
+    if missing:
+        raise ValueError(f'action statistics of dataset key {dataset_key!r} in {source} lack '
+                         f'{missing}')
+    stats = {name: np.asarray(action[name], np.float64).reshape(-1) for name in fields}
+    stats['mask'] = np.asarray(action.get('mask', np.ones(ACTION_DIM, bool)), bool).reshape(-1)
+    for name, value in stats.items():
+        if value.shape != (ACTION_DIM,):
+            raise ValueError(f'action statistics {name!r} of dataset key {dataset_key!r} have '
+                             f'{value.shape[0]} entries; this robot acts in {ACTION_DIM}')
+    if not all(np.isfinite(stats[name]).all() for name in fields):
+        raise ValueError(f'action statistics of dataset key {dataset_key!r} are not finite')
+    return stats

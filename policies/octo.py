@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from policies.base import check_action_chunks, register_policy
+from policies.base import check_action_chunks, dataset_action_stats, register_policy
 from robot_rl.types import ACTION_DIM, fit_image, IMAGE_KEY, Observation
 
 DEFAULT_CHECKPOINT = 'hf://rail-berkeley/octo-small-1.5'
@@ -67,34 +67,11 @@ class JaxKeys:
 
 def octo_action_stats(dataset_statistics: Optional[Mapping[str, Any]], dataset_key: str,
                       source: str = 'the checkpoint') -> Dict[str, np.ndarray]:
-    """{'mean', 'std', 'mask'} (7,) of `dataset_key` in an Octo checkpoint's statistics.
-
-    A missing key or field is a ValueError naming the dataset key: un-normalising with another
-    dataset's statistics, or none, would move the robot by the wrong amounts without other sign.
-    A missing `mask` means every dimension is normalised (Octo's own default).
-    """
-    keys = sorted(dataset_statistics or {})
-    if dataset_key not in keys:
-        raise ValueError(f'{source} has no dataset statistics for dataset key {dataset_key!r}; '
-                         f'it has {keys}')
-    action = dataset_statistics[dataset_key].get('action') if isinstance(
-        dataset_statistics[dataset_key], Mapping) else None
-    if not isinstance(action, Mapping):
-        raise ValueError(f'dataset statistics of dataset key {dataset_key!r} in {source} have no '
-                         "'action' entry")
-    missing = [name for name in ('mean', 'std') if name not in action]
-    if missing:
-        raise ValueError(f'action statistics of dataset key {dataset_key!r} in {source} lack '
-                         f'{missing}')
-    stats = {name: np.asarray(action[name], np.float32).reshape(-1) for name in ('mean', 'std')}
-    stats['mask'] = np.asarray(action.get('mask', np.ones(ACTION_DIM, bool)), bool).reshape(-1)
-    for name, value in stats.items():
-        if value.shape != (ACTION_DIM,):
-            raise ValueError(f'action statistics {name!r} of dataset key {dataset_key!r} have '
-                             f'{value.shape[0]} entries; this robot acts in {ACTION_DIM}')
-    if not (np.isfinite(stats['mean']).all() and np.isfinite(stats['std']).all()):
-        raise ValueError(f'action statistics of dataset key {dataset_key!r} are not finite')
-    return stats
+    """{'mean', 'std'} float32 and 'mask' (7,) of `dataset_key` in an Octo checkpoint's
+    statistics (checked by policies.base.dataset_action_stats)."""
+    stats = dataset_action_stats(dataset_statistics or {}, dataset_key, ('mean', 'std'), source)
+    return {name: value.astype(np.float32) if name != 'mask' else value
+            for name, value in stats.items()}
 
 
 def action_horizon(config: Mapping[str, Any]) -> int:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from policies.base import check_action_chunks, register_policy
+from policies.base import check_action_chunks, dataset_action_stats, register_policy
 from policies.common import masked_mean, PolicyBatch
 from robot_rl.models.language import shared_encoder
 from robot_rl.types import ACTION_DIM, ActionSpace, IMAGE_KEY, Observation
@@ -137,11 +137,8 @@ def action_norm_stats(norm_stats: Mapping[str, Any], dataset_key: Optional[str],
                       source: str = 'the model') -> ActionNormStats:
     """The action statistics of `dataset_key` in an OpenVLA-style statistics mapping.
 
-    A missing key, a missing field or a malformed array is a ValueError naming the dataset key
-    (and the keys that exist): un-normalising with the wrong statistics, or none, would move the
-    robot by the wrong amounts without any other sign. `dataset_key` None is allowed only when
-    `source` holds exactly one dataset. A missing `mask` means every dimension is normalised
-    (OpenVLA's own default).
+    Checked by policies.base.dataset_action_stats, plus q01 <= q99. `dataset_key` None is
+    allowed only when `source` holds exactly one dataset.
     """
     keys = sorted(norm_stats)
     if dataset_key is None:
@@ -149,29 +146,11 @@ def action_norm_stats(norm_stats: Mapping[str, Any], dataset_key: Optional[str],
             raise ValueError(f'{source} holds normalisation statistics for {len(keys)} datasets '
                              f'{keys}; choose one with unnorm_key')
         dataset_key = keys[0]
-    if dataset_key not in norm_stats:
-        raise ValueError(f'{source} has no normalisation statistics for dataset key '
-                         f'{dataset_key!r}; it has {keys}')
-    entry = norm_stats[dataset_key]
-    action = entry.get('action') if isinstance(entry, Mapping) else None
-    if not isinstance(action, Mapping):
-        raise ValueError(f'normalisation statistics of dataset key {dataset_key!r} in {source} '
-                         "have no 'action' entry")
-    missing = [name for name in ('q01', 'q99') if name not in action]
-    if missing:
-        raise ValueError(f'action statistics of dataset key {dataset_key!r} in {source} lack '
-                         f'{missing}')
-    arrays = {name: np.asarray(action[name], np.float64).reshape(-1) for name in ('q01', 'q99')}
-    mask = np.asarray(action.get('mask', np.ones(ACTION_DIM, bool)), bool).reshape(-1)
-    for name, value in (*arrays.items(), ('mask', mask)):
-        if value.shape != (ACTION_DIM,):
-            raise ValueError(f'action statistics {name!r} of dataset key {dataset_key!r} have '
-                             f'{value.shape[0]} entries; this robot acts in {ACTION_DIM}')
-    if not all(np.isfinite(v).all() for v in arrays.values()) or np.any(
-            arrays['q99'] < arrays['q01']):
-        raise ValueError(f'action statistics of dataset key {dataset_key!r} must be finite '
-                         f'with q01 <= q99, got {arrays}')
-    return ActionNormStats(dataset_key, arrays['q01'], arrays['q99'], mask)
+    stats = dataset_action_stats(norm_stats, dataset_key, ('q01', 'q99'), source)
+    if np.any(stats['q99'] < stats['q01']):
+        raise ValueError(f'action statistics of dataset key {dataset_key!r} need q01 <= q99, '
+                         f'got {stats}')
+    return ActionNormStats(dataset_key, stats['q01'], stats['q99'], stats['mask'])
 
 
 # ----------------------------------------------------------------------------- action tokens

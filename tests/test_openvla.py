@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from test_parl import QuadraticCritic
 import tiny_vlm
 from policies.base import POLICIES, Policy, TrainablePolicy
 from policies.common import PolicyBatch
@@ -249,18 +250,7 @@ def test_vgps_steering_runs_on_the_adapter():
 
 
 TARGET = torch.tensor([0.3, -0.3, 0.2, 0.1, -0.2, 0.3, 0.8])
-"""The known optimum of QuadraticCritic, in the critic's (Bridge) normalised units."""
-
-
-class QuadraticCritic(nn.Module):
-    """Q(s, a) = -|a - TARGET|^2 for both heads."""
-
-    def encode(self, images, lang):
-        return torch.zeros(images.shape[0], 1)
-
-    def q(self, z, actions):
-        q = -((actions - TARGET) ** 2).sum(-1)
-        return torch.stack([q, q])
+"""The known optimum of the quadratic critic, in the critic's (Bridge) normalised units."""
 
 
 def test_parl_optimises_and_distils_the_adapter_unchanged():
@@ -277,7 +267,7 @@ def test_parl_optimises_and_distils_the_adapter_unchanged():
     assert batch.actions.shape == (4, 1, 7) and torch.isfinite(batch.actions).all()
     assert np.isfinite(parl.distil(policy, optimizer, batch))
     # With a critic of known optimum: the optimised actions beat the adapter's own samples ...
-    critic = QuadraticCritic()
+    critic = QuadraticCritic(TARGET)
     sampled = parl.sample_first_actions(policy.eval(), images, LANG, 8, units)
     batch = parl.distillation_batch(policy, critic, images, LANG, data, units, cfg)
     optimised = units.to_critic(batch.actions[:, 0])

@@ -16,13 +16,17 @@ TARGET = torch.tensor([0.6, -0.4, 0.2, 0.0, 0.3, -0.2, 0.8])
 
 
 class QuadraticCritic(nn.Module):
-    """Q(s, a) = -|a - TARGET|^2 (two identical heads); a known optimum."""
+    """Q(s, a) = -|a - target|^2 (two identical heads); a known optimum."""
+
+    def __init__(self, target: torch.Tensor = TARGET):
+        super().__init__()
+        self.target = target
 
     def encode(self, images, lang):
         return torch.zeros(images.shape[0], 1)
 
     def q(self, z, actions):
-        q = -((actions - TARGET) ** 2).sum(-1)
+        q = -((actions - self.target) ** 2).sum(-1)
         return torch.stack([q, q])
 
 
