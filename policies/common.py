@@ -48,6 +48,11 @@ class PolicyBatch(NamedTuple):
     mask: torch.Tensor      # float32 (B, H): 1 where the chunk step exists, 0 past the episode end
 
 
+def concat_batches(*batches: PolicyBatch) -> PolicyBatch:
+    """One batch of the rows of several (same image size and horizon)."""
+    return PolicyBatch(*(torch.cat(parts) for parts in zip(*batches)))
+
+
 class ChunkPolicy(nn.Module):
     """Base class of the trainable policies (see module docstring)."""
 
@@ -188,5 +193,5 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-__all__ = ['ACTION_DIM', 'ChunkPolicy', 'EncoderConfig', 'PolicyBatch', 'load_policy',
-           'masked_mean', 'save_policy']
+__all__ = ['ACTION_DIM', 'ChunkPolicy', 'concat_batches', 'EncoderConfig', 'PolicyBatch',
+           'load_policy', 'masked_mean', 'save_policy']

@@ -40,6 +40,28 @@ def test_gen_data_writes_a_bridge_dataset_with_returns(tmp_path):
                                    rtol=1e-4)
 
 
+def test_gen_data_records_a_policys_own_attempts(tmp_path):
+    from robot_rl.data.rlds import iter_episodes
+    from robot_rl.envs import make_env
+
+    policy = Path(__file__).resolve().parents[1] / 'robot_rl/checkpoints/sim/policy.safetensors'
+    out = run_script('robot-rl-gen-data', 'tasks=[carrot_on_plate]', 'episodes_per_task=2',
+                     'val_fraction=0', 'image_size=64', f'policy_path={policy}', 'seed=7',
+                     f'output_dir={tmp_path}', 'name=attempts', cwd=tmp_path)
+    assert 'Policy success: carrot_on_plate' in out
+    episodes = list(iter_episodes(tmp_path / 'attempts' / '1.0.0', 'train'))
+    assert len(episodes) == 2
+    env = make_env('carrot_on_plate', image_size=64)
+    for seed, episode in zip((7, 8), episodes):
+        assert episode.metadata['policy'] == str(policy) and episode.metadata['seed'] == seed
+        # The stored actions are the executed ones: replaying them rebuilds the episode.
+        env.reset(seed=seed)
+        for t in range(episode.num_transitions):
+            obs, _, _, _, info = env.step(episode.actions[t])
+            np.testing.assert_array_equal(obs['state'], episode.states[t + 1])
+        assert info['success'] == episode.success
+
+
 def test_gen_data_rejects_unknown_task(tmp_path):
     result = subprocess.run([str(BIN / 'robot-rl-gen-data'), 'tasks=[fold_laundry]',
                              f'output_dir={tmp_path}'], cwd=tmp_path, capture_output=True,

@@ -4,6 +4,7 @@ Small random policies and critics stand in for the pre-trained ones (same classe
 episodes run in the real MuJoCo scene at 64 px.
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,6 +29,7 @@ from robot_rl.models.critic import Critic, CriticConfig, save_critic
 from robot_rl.rl import finetune as ft
 from robot_rl.rl.calql import CalQLConfig
 from robot_rl.rl.parl import PARLConfig
+from robot_rl.transport import StepBatch, StepRecord
 from robot_rl.transport.link import ActorLink
 from robot_rl.types import ActionSpace
 
@@ -138,6 +140,50 @@ def test_an_unwritable_or_full_checkpoint_directory_stops_the_learner(tmp_path):
     (tmp_path / 'run2' / 'checkpoints').write_text('not a directory')
     with pytest.raises(ft.LearnerStopped, match='run2/checkpoints'):
         other.save()
+
+
+def attempt(episode: int, success: bool, steps: int = 6) -> StepBatch:
+    """An actor's episode whose action t is t / 100 in every motion dimension."""
+    rng = np.random.default_rng(episode)
+    records = [StepRecord(step=t, image=rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8),
+                          state=np.zeros(7, np.float32),
+                          action=np.array([t / 100] * 6 + [1.0], np.float32),
+                          reward=0.0 if success and t == steps - 2 else -1.0, is_first=t == 0,
+                          is_last=t == steps - 1, is_terminal=success and t == steps - 1)
+               for t in range(steps)]
+    return StepBatch('robot', episode, TASKS[TASK].instruction, episode, records)
+
+
+def test_distillation_clones_successful_episodes_beside_the_critics_choices(tmp_path,
+                                                                              monkeypatch):
+    cfg = dataclasses.replace(pretrained(tmp_path / 'pretrained'), warmup_episodes=0,
+                              bc_ratio=0.5)
+    learner = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    distilled = []
+    real_distil = ft.parl.distil
+    monkeypatch.setattr(ft.parl, 'distil', lambda policy, opt, batch, clip: (
+        distilled.append(batch), real_distil(policy, opt, batch, clip))[1])
+
+    learner.ingest(attempt(0, success=False))
+    assert len(learner.successes) == 0
+    learner.update()  # nothing to clone yet: every row is the critic's choice
+    assert len(distilled[-1].actions) == cfg.batch_size
+
+    learner.ingest(attempt(1, success=True))
+    assert len(learner.successes) == 1
+    learner.update()
+    batch = distilled[-1]
+    space = learner.policy.action_space
+    half = cfg.batch_size // 2
+    cloned = space.unnormalise(batch.actions[half:].numpy())
+    # The cloned half is chunks of the successful episode: actions t / 100, t + 1 next.
+    assert set(np.round(cloned[:, 0, 0] * 100).astype(int)) <= set(range(5))
+    both = batch.mask[half:, 1].numpy() > 0
+    np.testing.assert_allclose(cloned[both, 1, 0] - cloned[both, 0, 0], 0.01, atol=1e-4)
+
+    restarted = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    [again] = restarted.successes.episodes  # back from the on-disk replay, in robot units
+    np.testing.assert_allclose(again.actions[:5, 0], np.arange(5) / 100, atol=1e-5)
 
 
 def test_bad_weights_are_never_loaded(tmp_path, caplog):

@@ -1,18 +1,21 @@
 """robot-rl-gen-data: a multi-task Bridge-format (RLDS/TFDS) dataset from the scripted experts.
 
     robot-rl-gen-data episodes_per_task=200 expert=mixed output_dir=data
+    robot-rl-gen-data policy_path=RUN/checkpoints/last/policy.safetensors name=rollouts
     robot-rl-gen-data --help            # every option, with hydra's override syntax
 
-Each episode is a seeded rollout of one task's scripted expert in the simulated WidowX; the
-simulator labels success, Monte-Carlo returns are stored per step (mc_return), and the dataset
-directory is readable by `tensorflow_datasets.builder_from_directory`.
+Each episode is a seeded rollout of one task's scripted expert in the simulated WidowX, or with
+`policy_path` of a trained policy acting as the base arm of robot-rl-eval does (one sample per
+step, the same execution): the policy's own attempts, from which a critic learns to rank that
+policy's actions. The simulator labels success, Monte-Carlo returns are stored per step
+(mc_return), and the dataset directory is readable by `tensorflow_datasets.builder_from_directory`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 from hydra.core.config_store import ConfigStore
 import numpy as np
@@ -48,6 +51,10 @@ class GenDataConfig:
     """Discount of the stored Monte-Carlo returns (mc_return)."""
     overwrite: bool = False
     expert: ExpertConfig = dataclasses.field(default_factory=ExpertConfig)
+    policy_path: Optional[str] = None
+    """A robot-rl-train-bc checkpoint (.safetensors) that acts instead of the scripted expert."""
+    device: str = 'cpu'
+    """Where the policy runs (policy_path only)."""
 
     def validate(self) -> 'GenDataConfig':
         check_tasks(self.tasks)
@@ -63,6 +70,26 @@ class GenDataConfig:
 ConfigStore.instance().store(name='gen_data_schema', node=GenDataConfig)
 
 
+class PolicyRollout:
+    """A trained policy in the expert's seat: K = 1 sampling through the execution every
+    evaluation arm uses (temporal ensembling, sticky gripper, the robot's limits)."""
+
+    def __init__(self, policy, instruction: str, policy_path: str, device: str):
+        from robot_rl.steering import ValueGuidedSteering
+
+        self.instruction, self.policy_path = instruction, policy_path
+        self.steering = ValueGuidedSteering(policy, None, None, num_samples=1, device=device)
+
+    def reset(self, seed: Optional[int] = None) -> None:
+        self.steering.reset(seed=seed)
+
+    def act(self, obs: dict):
+        return self.steering.act(obs, self.instruction)
+
+    def metadata(self) -> dict:
+        return {'failure_mode': None, 'policy': self.policy_path}
+
+
 def split_seeds(cfg: GenDataConfig) -> Dict[str, range]:
     """Seeds of each split: the last `val_fraction` of each task's episodes go to 'val'."""
     n_val = int(round(cfg.val_fraction * cfg.episodes_per_task))
@@ -75,13 +102,18 @@ def split_seeds(cfg: GenDataConfig) -> Dict[str, range]:
 
 def generate(cfg: GenDataConfig, seeds: range, progress: tqdm,
              outcomes: Dict[str, List[bool]]) -> Iterator[Episode]:
-    """Roll out every task's expert on `seeds`, yielding episodes with mc_returns filled;
+    """Roll out every task's expert (or policy) on `seeds`, yielding episodes with mc_returns;
     each episode's success is appended to outcomes[task]."""
     from robot_rl.data.returns import with_mc_returns
 
+    policy = None
+    if cfg.policy_path is not None:
+        from policies.common import load_policy
+        policy = load_policy(cfg.policy_path, device=cfg.device, seed=cfg.seed)
     for task in cfg.tasks:
         env = make_env(task, image_size=cfg.image_size)
-        expert = ScriptedExpert(env, cfg.expert)
+        expert = (ScriptedExpert(env, cfg.expert) if policy is None
+                  else PolicyRollout(policy, env.instruction, cfg.policy_path, cfg.device))
         try:
             for seed in seeds:
                 episode = rollout_episode(env, expert, seed)
@@ -101,19 +133,20 @@ def run(cfg: GenDataConfig):
     cfg.validate()
     seeds = split_seeds(cfg)
     total = len(cfg.tasks) * cfg.episodes_per_task
+    who = f'policy {cfg.policy_path}' if cfg.policy_path else f'scripted experts, {cfg.expert}'
     outcomes: Dict[str, List[bool]] = {}
     with tqdm(total=total, desc='episodes', unit='ep') as progress:
         path = write_dataset({split: generate(cfg, s, progress, outcomes)
                               for split, s in seeds.items()},
                              cfg.output_dir, name=cfg.name, version=cfg.version,
                              image_format=cfg.image_format, overwrite=cfg.overwrite,
-                             description='Simulated WidowX scripted-expert episodes '
-                                         f'(robot_rl), expert={cfg.expert}')
+                             description=f'Simulated WidowX episodes (robot_rl) of {who}')
     counts = ', '.join(f'{split}: {len(s) * len(cfg.tasks)} episodes'
                        for split, s in seeds.items())
     log.info('wrote %d episodes to %s', total, path)
     rates = ', '.join(f'{task} {np.mean(v):.0%}' for task, v in outcomes.items())
-    print(f'Dataset: {path}  ({counts})\nExpert success: {rates}')
+    print(f'Dataset: {path}  ({counts})\n{"Policy" if cfg.policy_path else "Expert"} '
+          f'success: {rates}')
     return path
 
 

@@ -111,6 +111,10 @@ class ScriptedExpert:
         self._plan = self._make_plan()
         self._index = self._steps_here = self._settled = 0
 
+    def metadata(self) -> dict:
+        """What an episode records about its expert: this episode's failure mode, the config."""
+        return {'failure_mode': self.failure_mode, 'expert': dataclasses.asdict(self.config)}
+
     def act(self, obs: Optional[dict] = None) -> np.ndarray:
         """Next action (7,) float32. `obs` is unused: the expert reads privileged state."""
         pos, rpy = self.env.ee_target()
@@ -216,6 +220,9 @@ def _xyz(xy: np.ndarray, z: float) -> np.ndarray:
 def rollout_episode(env: WidowXEnv, expert: ScriptedExpert, seed: int) -> Episode:
     """Run one episode (env and expert both seeded with `seed`) and return it in RLDS layout.
 
+    `expert` is anything with reset(seed), act(obs) and metadata() (a scripted expert, or
+    robot_rl.cli.gen_data.PolicyRollout for a trained policy's own attempts).
+
     N = T + 1 steps for T actions: the last step holds the final observation with a zero action
     and zero reward as padding; is_terminal marks success; discount is 0 only on a terminal
     step. metadata: task, seed, success, failure_mode, expert config.
@@ -245,6 +252,5 @@ def rollout_episode(env: WidowXEnv, expert: ScriptedExpert, seed: int) -> Episod
         is_first=is_first, is_last=is_last, is_terminal=is_last & success,
         language_instruction=env.instruction,
         metadata={'task': env.task.name, 'seed': int(seed), 'success': success,
-                  'failure_mode': expert.failure_mode,
-                  'expert': dataclasses.asdict(expert.config)},
+                  **expert.metadata()},
     ).validate()

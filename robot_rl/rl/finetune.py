@@ -39,7 +39,8 @@ import uuid
 import numpy as np
 import torch
 
-from policies.common import ChunkPolicy, load_policy, save_policy
+from policies.common import ChunkPolicy, concat_batches, load_policy, save_policy
+from robot_rl.data.chunks import ChunkBatch, ChunkDataset
 from robot_rl.data.replay import MixedSampler, ReplayBuffer
 from robot_rl.episodes.interventions import intervention_segments, step_metadata
 from robot_rl.models import checkpoint
@@ -48,6 +49,7 @@ from robot_rl.rl import learner as common
 from robot_rl.rl import parl
 from robot_rl.rl.calql import CalQL, CalQLConfig
 from robot_rl.rl.online_learner import records_to_episode
+from robot_rl.rl.train_bc import to_policy_batch
 from robot_rl.steering.execution import ChunkExecutor
 from robot_rl.steering.vgps import StepInfo
 from robot_rl.transport.envelope import EnvelopeError, peek
@@ -96,6 +98,10 @@ class LearnerConfig:
     """Critic updates, and policy updates, per environment step (the update-to-data ratio)."""
     batch_size: int = 64
     policy_lr: float = 1e-4
+    bc_ratio: float = 0.5
+    """Share of every distillation batch that clones chunks of successful episodes (offline
+    and online) instead of the critic's choices: distilling a policy on its own samples alone
+    drifts it away from its data (README), this keeps it there. 0: PA-RL's targets only."""
     grad_clip: float = 1.0
     publish_every: int = 20
     """Processes: send the actor new weights every this many updates."""
@@ -123,7 +129,31 @@ class LearnerConfig:
             (min(self.batch_size, self.publish_every, self.checkpoint_every) >= 1,
              'batch_size, publish_every, checkpoint_every >= 1'),
             (self.policy_lr > 0, 'policy_lr > 0'),
+            (0.0 <= self.bc_ratio < 1.0, 'bc_ratio in [0, 1)'),
             (self.weights_dtype in WIRE_DTYPES, f'weights_dtype in {WIRE_DTYPES}')) if not ok]
+
+
+class SuccessChunks:
+    """Behaviour-cloning chunks (policy units) of every successful episode seen so far."""
+
+    def __init__(self, horizon: int, action_space: ActionSpace):
+        self.horizon, self.action_space = horizon, action_space
+        self.episodes: List[Episode] = []
+        self._dataset: Optional[ChunkDataset] = None
+
+    def add(self, episode: Episode) -> None:
+        """Keep `episode` (environment units) if it succeeded."""
+        if episode.success and episode.num_transitions > 0:
+            self.episodes.append(episode)
+            self._dataset = None  # rebuilt on the next sample: new successes are rare
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def sample(self, n: int, rng: np.random.Generator) -> ChunkBatch:
+        if self._dataset is None:
+            self._dataset = ChunkDataset(self.episodes, self.horizon, self.action_space)
+        return self._dataset.sample(n, rng)
 
 
 class LearnerStopped(RuntimeError):
@@ -201,6 +231,10 @@ class Learner:
         for episode in self.online.episodes():
             self._add_interventions(episode)
         self._warmup_transitions: Optional[int] = None
+        self.successes = SuccessChunks(self.policy.action_horizon, self.policy.action_space)
+        for episode in self.online.episodes():
+            self.successes.add(dataclasses.replace(
+                episode, actions=self.space.unnormalise(episode.actions)))
         self.offline = self._read_offline()
         sources = [(self.online, 1.0 - cfg.offline_ratio - cfg.intervention_ratio)]
         if self.offline is not None:
@@ -229,6 +263,8 @@ class Learner:
         for source in self.cfg.offline:
             episodes += common.read_source(source.path, source.split, source.labelling,
                                            self.models.image_size, source.max_episodes)
+        for episode in episodes:
+            self.successes.add(episode)
         return common.make_replay((common.normalise_actions(e, self.space) for e in episodes),
                                   self.cfg.algo.gamma)
 
@@ -264,14 +300,15 @@ class Learner:
             meta = {'actor': actor, 'episode': episode, 'units': 'critic-normalised',
                     'policy_versions': sorted({s.policy_version for s in steps}),
                     **step_metadata(steps)}
-            raw = common.normalise_actions(records_to_episode(instruction, steps, meta),
-                                           self.space)
+            episode = records_to_episode(instruction, steps, meta)
+            raw = common.normalise_actions(episode, self.space)
             try:
                 stored.append(self.online.add_episode(raw))
             except OSError as err:
                 raise LearnerStopped(f'cannot write episode to {self.online.directory}: {err}; '
                                      'the actor keeps it until this is fixed') from err
             self._add_interventions(stored[-1])
+            self.successes.add(episode)
             self._log_episode(stored[-1])
         return stored
 
@@ -315,9 +352,14 @@ class Learner:
         batch = self.sampler.sample(self.cfg.batch_size, self.rng)
         cbatch = common.to_calql_batch(batch, self.embed, self.device)
         stats = self.calql.update(cbatch)
-        targets = parl.distillation_batch(self.policy, self.calql.critic, cbatch.images,
-                                          cbatch.lang_emb, cbatch.actions, self.models.units,
-                                          self.cfg.parl, self.generator)
+        cloned = round(self.cfg.bc_ratio * len(cbatch.images)) if len(self.successes) else 0
+        rl = len(cbatch.images) - cloned
+        targets = parl.distillation_batch(self.policy, self.calql.critic, cbatch.images[:rl],
+                                          cbatch.lang_emb[:rl], cbatch.actions[:rl],
+                                          self.models.units, self.cfg.parl, self.generator)
+        if cloned:
+            targets = concat_batches(targets, to_policy_batch(
+                self.successes.sample(cloned, self.rng), self.policy))
         policy_loss = parl.distil(self.policy, self.policy_opt, targets, self.cfg.grad_clip)
         if not (math.isfinite(stats.loss) and math.isfinite(policy_loss)):
             raise LearnerStopped(f'non-finite loss at update {self.updates + 1} (critic '
