@@ -141,4 +141,6 @@ def status_line(status: Dict[str, object], last_action: Optional[np.ndarray], ve
         parts.append(f'label? {awaiting}')
     if status.get('message'):
         parts.append(str(status['message']))
+    if status.get('classifier'):
+        parts.append(str(status['classifier']))
     return ' | '.join(parts)

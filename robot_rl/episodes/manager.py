@@ -72,6 +72,9 @@ class EpisodeResult:
     ended_by: str
     """'label', 'step limit', 'estop' or 'end'."""
     instruction: str
+    classifier_probability: Optional[float] = None
+    """The success classifier's latest P(success) for the episode (its final frame once it
+    ended); None when no classifier looked at it."""
 
     @property
     def reward(self) -> float:
@@ -88,7 +91,9 @@ class EpisodeResult:
 
 
 @dataclasses.dataclass
-class _Ended:
+class Ended:
+    """An episode that ended unlabelled and awaits a label."""
+
     steps: int
     ended_at: float
     ended_by: str
@@ -113,7 +118,8 @@ class EpisodeManager:
         """Why the last thing that did not happen did not happen (shown in the status line)."""
         self._reset_deadline: Optional[float] = None
         self._labelled: Dict[int, EpisodeResult] = {}
-        self._ended: Dict[int, _Ended] = {}
+        self._ended: Dict[int, Ended] = {}
+        self._probabilities: Dict[int, float] = {}
         self._results: List[EpisodeResult] = []
 
     # ------------------------------------------------------------------ episodes
@@ -236,6 +242,24 @@ class EpisodeManager:
             raise LabelRejected(f'episode {episode} does not exist (episodes: {known})')
         return episode
 
+    def record_probability(self, episode: int, probability: float) -> None:
+        """Keep a success classifier's P(success) for the running episode or one awaiting a
+        label; it travels with the episode's result, whoever labels it."""
+        if not (episode == self.episode and self.phase in (RUNNING, PAUSED)
+                or episode in self._ended):
+            raise LabelRejected(f'episode {episode} is neither running nor awaiting a label')
+        if not 0.0 <= probability <= 1.0:  # also rejects NaN
+            raise ValueError(f'classifier probability must be in [0, 1], got {probability!r}')
+        self._probabilities[episode] = float(probability)
+
+    def ended(self, episode: int) -> Ended:
+        """An episode awaiting a label: its steps, end time, how it ended ('step limit',
+        'estop' or 'end') and its instruction."""
+        if episode not in self._ended:
+            raise KeyError(f'episode {episode} is not awaiting a label '
+                           f'(awaiting: {self.awaiting_label})')
+        return dataclasses.replace(self._ended[episode])
+
     @property
     def awaiting_label(self) -> List[int]:
         """Episodes that ended unlabelled and whose late-label window is still open."""
@@ -246,14 +270,15 @@ class EpisodeManager:
         return out
 
     def _end(self, ended_by: str, now: float) -> None:
-        self._ended[self.episode] = _Ended(self.steps, now, ended_by, self.instruction)
+        self._ended[self.episode] = Ended(self.steps, now, ended_by, self.instruction)
         self.phase = IDLE
 
     def _close(self, episode: int, success: bool, source: str, late: bool) -> EpisodeResult:
         ended = self._ended.pop(episode)
         result = EpisodeResult(episode=episode, success=bool(success), steps=ended.steps,
                                label_source=source, late=late, ended_by=ended.ended_by,
-                               instruction=ended.instruction)
+                               instruction=ended.instruction,
+                               classifier_probability=self._probabilities.pop(episode, None))
         self._labelled[episode] = result
         self._results.append(result)
         return result

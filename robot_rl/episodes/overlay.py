@@ -156,6 +156,8 @@ class EpisodeOverlay:
 
 
 def result_metadata(result: Mapping[str, Any]) -> Dict[str, Any]:
-    """The label fields recorded with an episode (RLDS episode metadata)."""
+    """The label fields recorded with an episode (RLDS episode metadata); the success
+    classifier's P(success) when one looked at the episode."""
     return {'label': {k: result[k] for k in ('success', 'label_source', 'late', 'ended_by',
-                                             'reward') if k in result}}
+                                             'reward', 'classifier_probability')
+                      if result.get(k) is not None}}
