@@ -11,12 +11,16 @@ Subscribes:
     action_sent      std_msgs/Float32MultiArray: each executed action counts one step
     policy/version   std_msgs/Int64 (LATCHED_QOS): shown in the status line
     instruction      std_msgs/String (LATCHED_QOS), when the instruction parameter is empty
+    camera/image_raw sensor_msgs/Image (SENSOR_QOS), only with a success classifier
+                     (classifier_path): the callback keeps the latest frame; the classifier
+                     runs on the timer (robot_rl.episodes.labeller)
 Publishes:
     episode/state    std_msgs/String JSON {phase, episode, step, instruction, awaiting_label,
-                     message} (LATCHED_QOS), on every change
+                     message, and "classifier" while it asks a person} (LATCHED_QOS), on
+                     every change
     episode/result   std_msgs/String JSON of each closed episode (robot_rl.episodes.manager.
-                     EpisodeResult: success, reward, terminal, label_source, late, ended_by;
-                     reliable, transient local, depth 100)
+                     EpisodeResult: success, reward, terminal, label_source, late, ended_by,
+                     classifier_probability; reliable, transient local, depth 100)
     label/feedback   std_msgs/String JSON {accepted, reason, episode} for every label
     estop            std_msgs/Bool (LATCHED_QOS): the robot/sim drop actions while true
     intervention     std_msgs/Bool (LATCHED_QOS): a person has taken over (the policy node
@@ -39,15 +43,17 @@ import time
 
 import numpy as np
 from rclpy.node import Node
+from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float32MultiArray, Int64, String
 from std_srvs.srv import SetBool, Trigger
 
 from robot_rl.episodes import keyboard as kb
+from robot_rl.episodes.labeller import ClassifierLabeller, load_probability
 from robot_rl.episodes.manager import (CommandRejected, EpisodeManager, LabelRejected,
                                        ManagerConfig, parse_label, RESETTING)
 from robot_rl.nodes import conversions as conv
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LATCHED_QOS,
-                                       reject_changes, run)
+                                       reject_changes, run, SENSOR_QOS)
 
 
 class EpisodeManagerNode(Node):
@@ -69,6 +75,8 @@ class EpisodeManagerNode(Node):
         self.reset_future = None
         self.last_state = None
         self.last_line = ''
+        self.latest_image = None
+        self.labeller = self.make_labeller()
         self.pub_state = self.create_publisher(String, 'episode/state', LATCHED_QOS)
         self.pub_result = self.create_publisher(String, 'episode/result', history_qos(100))
         self.pub_feedback = self.create_publisher(String, 'label/feedback', COMMAND_QOS)
@@ -84,6 +92,8 @@ class EpisodeManagerNode(Node):
         self.create_subscription(Int64, 'policy/version', self.on_version, LATCHED_QOS)
         if not self.instruction:
             self.create_subscription(String, 'instruction', self.on_instruction, LATCHED_QOS)
+        if self.labeller is not None:
+            self.create_subscription(Image, 'camera/image_raw', self.on_image, SENSOR_QOS)
         self.create_service(SetBool, 'label', self.on_label_service)
         self.reset_client = (self.create_client(Trigger, self.p['reset_service'])
                              if self.p['reset_service'] else None)
@@ -96,7 +106,23 @@ class EpisodeManagerNode(Node):
             print(kb.HELP, flush=True)
         self.publish_state()
 
+    def make_labeller(self):
+        """The success classifier's labeller (classifier_path), or None: a person labels."""
+        if not self.p['classifier_path']:
+            return None
+        probability = load_probability(self.p['classifier_path'],
+                                       self.p['classifier_language_model'])
+        labeller = ClassifierLabeller(
+            lambda msg, instruction: probability(conv.image_to_rgb(msg), instruction),
+            self.p['classifier_confidence'], self.p['classifier_check_every_steps'])
+        self.get_logger().info(f'success classifier {self.p["classifier_path"]}: labels at '
+                               f'confidence >= {labeller.confidence:g}, a person otherwise')
+        return labeller
+
     # ------------------------------------------------------------------ inputs
+
+    def on_image(self, msg: Image) -> None:
+        self.latest_image = msg  # decoded only when the classifier looks at it
 
     def on_command(self, msg: String) -> None:
         self.dispatch(msg.data.strip(), 'topic')
@@ -194,6 +220,7 @@ class EpisodeManagerNode(Node):
         if self.intervening and self.terminal is not None and self.terminal.available:
             self.pub_teleop.publish(conv.floats_to_multiarray(Float32MultiArray,
                                                               self.teleop.action()))
+        self.run_labeller()
         self.manager.tick(time.monotonic())
         self.run_reset()
         self.after_change()
@@ -218,24 +245,51 @@ class EpisodeManagerNode(Node):
             m.reset_done(ok, time.monotonic(),
                          '' if ok else getattr(response, 'message', 'no response'))
 
+    def run_labeller(self) -> None:
+        """The classifier's looks kept by `note`, run here (a timer, not a callback)."""
+        if self.labeller is None:
+            return
+        for j in self.labeller.run(self.manager, time.monotonic()):
+            what = (f'classifier on episode {j.episode} '
+                    f'({"final frame" if j.final else "check"}): {j.decision}'
+                    + ('' if j.probability is None else f' (p={j.probability:.2f})'))
+            if j.reason:
+                self.get_logger().warn(f'{what}: {j.reason}')
+            elif j.final or j.applied:
+                self.get_logger().info(what)
+        self.after_change()
+
     def after_change(self) -> None:
+        if self.labeller is not None:
+            self.labeller.note(self.manager, self.latest_image)
         for result in self.manager.pop_results():
             self.pub_result.publish(String(data=json.dumps(result.to_dict())))
             self.get_logger().info(f'episode {result.episode}: '
                                    f'{"success" if result.success else "failure"} '
-                                   f'({result.label_source}{", late" if result.late else ""})')
+                                   f'({result.label_source}{", late" if result.late else ""}'
+                                   + ('' if result.classifier_probability is None else
+                                      f', classifier p={result.classifier_probability:.2f}')
+                                   + ')')
             if self.p['auto_start'] and self.manager.phase == 'idle':
                 self.dispatch(kb.START, 'auto_start')
         self.publish_state()
 
-    def publish_state(self) -> None:
+    def status(self) -> dict:
+        """The manager's status, and the classifier's request to a person while it asks."""
         status = self.manager.status()
+        prompt = self.labeller.prompt(self.manager) if self.labeller is not None else ''
+        if prompt:
+            status['classifier'] = prompt
+        return status
+
+    def publish_state(self) -> None:
+        status = self.status()
         if status != self.last_state:
             self.last_state = status
             self.pub_state.publish(String(data=json.dumps(status)))
 
     def print_status(self) -> None:
-        line = kb.status_line(self.manager.status(), self.last_action, self.version,
+        line = kb.status_line(self.status(), self.last_action, self.version,
                               'person' if self.intervening else 'policy')
         if self.terminal is not None and self.terminal.available:
             sys.stdout.write('\r' + line[:200] + '\033[K')

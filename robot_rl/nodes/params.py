@@ -145,6 +145,16 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
         P('teleop.step_m', 0.01, 'Keyboard teleop: translation per key press (m).', 0.001,
           0.05),
         P('teleop.step_rad', 0.1, 'Keyboard teleop: yaw per key press (rad).', 0.01, 0.25),
+        P('classifier_path', '', 'Success classifier (robot-rl-train-reward .safetensors) that '
+          'labels episodes from the camera (camera/image_raw); empty = off, a person labels.',
+          read_only=True),
+        P('classifier_confidence', 0.8, 'The classifier labels when max(p, 1 - p) is at least '
+          'this; below it a person is asked.', 0.5, 1.0, read_only=True),
+        P('classifier_check_every_steps', 0, 'While an episode runs, look every this many '
+          'executed steps and end it on a confident success (0 = only the final frame).', 0,
+          100000, read_only=True),
+        P('classifier_language_model', '', 'Local sentence-encoder directory of the '
+          "classifier's instruction embeddings (empty = the bundled MiniLM).", read_only=True),
     ],
     'camera': [
         P('device', '0', 'OpenCV capture source: a device index ("0") or a path/URL.',
