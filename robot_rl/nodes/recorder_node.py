@@ -8,8 +8,10 @@ Subscribes:
     events, instruction         std_msgs/String                       } <output_dir>/bag (MCAP)
     episode/state, episode/result, label, estop, intervention, teleop/action    } also bagged
     episode/result              std_msgs/String JSON (episode manager): each episode's label
-                                (success, label_source, late, ended_by) goes into its RLDS
-                                episode metadata under "label"; intervention steps (a person's
+                                (success, label_source, late, ended_by, reward, and the
+                                success classifier's classifier_probability when it looked)
+                                goes into its RLDS episode metadata under "label";
+                                intervention steps (a person's
                                 actions) are listed under "intervention_steps"
 No rosbag2 wheel exists on PyPI, so the bag is written with the `rosbags` writer (rosbag2
 layout, metadata.yaml + MCAP storage, Jazzy message definitions); `ros2 bag info` reads it.
