@@ -11,8 +11,8 @@ Subscribes:
                                 (success, label_source, late, ended_by, reward, and the
                                 success classifier's classifier_probability when it looked)
                                 goes into its RLDS episode metadata under "label";
-                                intervention steps (a person's
-                                actions) are listed under "intervention_steps"
+                                intervention steps (a person's actions) are listed under
+                                "intervention_steps"
 No rosbag2 wheel exists on PyPI, so the bag is written with the `rosbags` writer (rosbag2
 layout, metadata.yaml + MCAP storage, Jazzy message definitions); `ros2 bag info` reads it.
 Closed episodes are appended to the RLDS dataset (robot_rl.data.rlds.append_episodes: one new
