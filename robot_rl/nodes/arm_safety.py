@@ -5,7 +5,8 @@ the action is checked and clipped (ActionSpace.bridge), the EE target is integra
 (target += delta) and kept inside a workspace box, damped-least-squares IK maps it to joints
 clipped to the joint ranges of the WidowX MJCF, and each joint moves at most `max_joint_step`
 per control period. A `Watchdog` says when to hold position (no fresh action within two
-control periods).
+control periods). Homing (`ArmCommander.step_towards`) is a joint-space move through the same
+joint-limit and per-step clamps.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from robot_rl.types import ActionSpace
 
 ARM_JOINTS = ('waist', 'shoulder', 'elbow', 'forearm_roll', 'wrist_angle', 'wrist_rotate')
 HOME_JOINTS = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0])
+"""The home pose (rad, ARM_JOINTS order) the widowx node's `home` service moves to."""
 READY_POS = np.array([0.25, 0.0, 0.16])
 """Start-up EE target (m), gripper pointing down, until joint states arrive."""
 
@@ -85,6 +87,15 @@ class ArmCommander:
                                        self.max_joint_step)
         self.target_pos, self.target_rpy = pos, rpy
         return self.joints.copy(), float(act[6]), act
+
+    def step_towards(self, joints: np.ndarray) -> np.ndarray:
+        """One control period of a joint-space move (homing): the next joint targets (6,),
+        `joints` clipped to the joint limits and reached at most `max_joint_step` per joint
+        per period; the EE target follows, so delta actions continue from there."""
+        q = clamp_joint_step(self.joints, np.asarray(joints, float), self.ik.lower,
+                             self.ik.upper, self.max_joint_step)
+        self.sync(q)
+        return self.joints.copy()
 
     def state(self) -> np.ndarray:
         """EE [x, y, z, roll, pitch, yaw] (6,) of the current joint targets."""

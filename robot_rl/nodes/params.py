@@ -125,6 +125,11 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
           'lower bounds [x, y, z (m), roll, pitch, yaw (rad)].', read_only=True),
         P('workspace_high', [0.45, 0.25, 0.25, 0.8, 0.8, 2.0], 'End-effector target upper '
           'bounds.', read_only=True),
+        P('home_timeout_s', 15.0, 'The home service answers failure when the measured joints '
+          'are not within home_tolerance_rad of the home pose after this long (s); keep it '
+          "below the episode manager's reset_timeout_s.", 0.1, 600.0),
+        P('home_tolerance_rad', 0.05, 'Largest measured joint error at which the arm counts as '
+          'home (rad).', 0.001, 0.5),
     ],
     'episode_manager': [
         P('instruction', '', 'Instruction published on the instruction topic for every episode '

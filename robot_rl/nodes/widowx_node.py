@@ -12,8 +12,17 @@ Publishes (timer at control_rate_hz):
                                     at one control period
     action_sent                     std_msgs/Float32MultiArray, the clipped action applied
     events                          std_msgs/String JSON step event (state; reward null)
+Services:
+    home                            std_srvs/Trigger: move the arm to its home joint pose
+                                    (arm_safety.HOME_JOINTS, gripper open), the episode
+                                    manager's reset routine (reset_service:=home). It answers
+                                    success once the measured joints are within
+                                    home_tolerance_rad of home; failure with the reason under
+                                    the e-stop, without joint states, or after home_timeout_s.
+                                    Actions are ignored while it runs.
 Safety (robot_rl.nodes.arm_safety): workspace box, IK clipped to joint limits, per-step joint
-change limit. Watchdog: no fresh action within two control periods -> hold (no new target).
+change limit (homing too). Watchdog: no fresh action within two control periods -> hold (no new
+target).
 """
 
 from __future__ import annotations
@@ -22,13 +31,16 @@ import time
 
 from builtin_interfaces.msg import Duration
 import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
+from rclpy.task import Future
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float32MultiArray, String
+from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from robot_rl.nodes import conversions as conv
-from robot_rl.nodes.arm_safety import ARM_JOINTS, ArmCommander, Watchdog
+from robot_rl.nodes.arm_safety import ARM_JOINTS, ArmCommander, HOME_JOINTS, Watchdog
 from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, LATCHED_QOS, reject_changes,
                                        run, SENSOR_QOS)
 from robot_rl.transport.events import StepEvent
@@ -56,6 +68,8 @@ class WidowXNode(Node):
         self.watchdog = Watchdog(2 * self.period)
         self.pending = None
         self.estop, self.synced, self.step_count = False, False, 0
+        self.measured = None  # the latest measured arm joints (6,)
+        self.homing = None  # (answer future, deadline) while the home service runs
         robot = self.p['robot_model']
         self.interbotix = interbotix_messages() \
             if self.p['command_interface'] == 'interbotix' else None
@@ -76,6 +90,10 @@ class WidowXNode(Node):
         self.create_subscription(JointState, f'/{robot}/joint_states', self.on_joints,
                                  SENSOR_QOS)
         self.create_subscription(Bool, 'estop', self.on_estop, LATCHED_QOS)
+        # Its own group: the awaiting callback holds its group until it answers, and the timer
+        # (default group) must keep running to move the arm meanwhile.
+        self.create_service(Trigger, 'home', self.on_home,
+                            callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(self.period, self.on_tick)
 
     def on_action(self, msg: Float32MultiArray) -> None:
@@ -88,16 +106,67 @@ class WidowXNode(Node):
 
     def on_joints(self, msg: JointState) -> None:
         index = {n: i for i, n in enumerate(msg.name)}
-        if self.synced or not all(j in index for j in ARM_JOINTS):
+        if not all(j in index for j in ARM_JOINTS):
             return
-        self.arm.sync(np.array([msg.position[index[j]] for j in ARM_JOINTS]))
-        self.synced = True
+        self.measured = np.array([msg.position[index[j]] for j in ARM_JOINTS], float)
+        if not self.synced:
+            self.arm.sync(self.measured)
+            self.synced = True
 
     def on_estop(self, msg: Bool) -> None:
         self.estop = bool(msg.data)
         self.get_logger().warn(f'e-stop {"engaged: holding" if self.estop else "released"}')
 
+    async def on_home(self, request, response):
+        """The home service; the timer moves the arm and decides the answer (the callback
+        awaits it, so nothing blocks the executor)."""
+        if self.estop:
+            response.success, response.message = False, ('e-stop engaged: release it before '
+                                                         'homing')
+            return response
+        if self.homing is not None:
+            response.success, response.message = False, 'already homing'
+            return response
+        if self.measured is not None:
+            self.arm.sync(self.measured)  # start from where the arm is
+        answer = Future()
+        self.homing = (answer, time.monotonic() + self.p['home_timeout_s'])
+        self.get_logger().info('homing')
+        response.success, response.message = await answer
+        return response
+
+    def home_tick(self) -> None:
+        """One control period of homing: answer, or one clamped step towards home."""
+        answer, deadline = self.homing
+        error = (None if self.measured is None
+                 else float(np.max(np.abs(self.measured - HOME_JOINTS))))
+        if self.estop:
+            result = False, 'e-stop engaged during homing: the arm holds where it is'
+        elif error is not None and error <= self.p['home_tolerance_rad']:
+            result = True, f'home reached (largest joint error {error:.3f} rad)'
+        elif time.monotonic() >= deadline:
+            result = False, (f'home not reached within {self.p["home_timeout_s"]:g} s: ' + (
+                f'no joint states on /{self.p["robot_model"]}/joint_states' if error is None
+                else f'largest joint error {error:.3f} rad > home_tolerance_rad '
+                     f'{self.p["home_tolerance_rad"]:g}'))
+        else:
+            self.send(self.arm.step_towards(HOME_JOINTS), 1.0)  # gripper open
+            return
+        if result[0]:
+            self.arm.sync(self.measured)  # delta actions continue from the measured home
+        self.homing = None
+        self.pending = None  # nothing queued before homing runs after it
+        if result[0]:  # one severity per call site (rclpy's logger requires it)
+            self.get_logger().info(result[1])
+        else:
+            self.get_logger().error(result[1])
+        answer.set_result(result)
+
     def on_tick(self) -> None:
+        if self.homing is not None:
+            self.pending = None  # homing owns the arm: actions are ignored meanwhile
+            self.home_tick()
+            return
         action, self.pending = self.pending, None
         if self.estop or action is None or self.watchdog.expired(time.monotonic()):
             return  # hold: position mode keeps the last target; nothing new is sent
