@@ -1,6 +1,12 @@
 """Real WidowX 250: camera + widowx + policy (+ learner when fine-tuning) + recorder.
 
 The Interbotix driver (interbotix_xs_sdk) is launched separately, as its own package documents.
+The episode manager runs in its own terminal (it reads the keyboard); its reset routine is the
+widowx node's homing service:
+
+    ros2 run robot_rl episode_manager --ros-args \
+        --params-file <share>/configs/ros/episode_manager.yaml \
+        -p reset_service:=home -p instruction:="put the spoon on the towel"
 
     ros2 launch robot_rl widowx.launch.py robot_model:=wx250s camera_device:=0 \
         policy:=tiny_mlp critic_checkpoint:=/path/critic.safetensors finetune:=false
