@@ -70,6 +70,15 @@ def test_a_confident_success_mid_episode_ends_it_with_the_classifier_as_label_so
     assert labeller.prompt(m) == ''  # nothing asked of a person
 
 
+def test_a_check_without_a_camera_frame_says_so_and_the_episode_runs_on():
+    m, labeller, probability = session({}, check_every_steps=1)
+    start(m)
+    (j,) = run_steps(m, labeller, [None])
+    assert (j.decision, j.applied, j.final) == ('ask', False, False)
+    assert j.reason == 'classifier failed: no camera frame received yet'
+    assert m.phase == RUNNING and probability.calls == [] and labeller.prompt(m) == ''
+
+
 def test_no_checks_while_running_when_check_every_steps_is_zero():
     m, labeller, probability = session({1: 0.99})
     start(m)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from robot_rl.episodes.manager import EpisodeManager, LabelRejected, RUNNING
@@ -89,7 +90,7 @@ class ClassifierLabeller:
         k = self.check_every_steps
         at = (manager.episode, manager.steps)
         if (k and manager.phase == RUNNING and manager.steps and manager.steps % k == 0
-                and at != self._checked and frame is not None):
+                and at != self._checked):  # no frame: the look says so
             self._check, self._checked = (manager.episode, manager.steps, frame), at
         for episode in manager.awaiting_label:
             if episode not in self._seen_ends:
@@ -155,7 +156,7 @@ class ClassifierLabeller:
 
     def _probability(self, frame: Any, instruction: str) -> float:
         p = self.probability(frame, instruction)
-        if (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)
+        if (isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p)
                 or not 0.0 <= p <= 1.0):
             raise ValueError(f'the probability function returned {p!r}, not a probability '
                              'in [0, 1]')
