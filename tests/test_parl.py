@@ -173,3 +173,25 @@ def test_the_chosen_chunk_carries_the_optimised_first_action():
     batch = parl.distillation_batch(policy, QuadraticCritic(), images, lang, data, units,
                                     parl.PARLConfig(8, top_m=3, gradient_steps=0))
     assert batch.mask[:, 0].all() and not batch.mask[:, 1:].any()
+
+
+def test_distilled_gripper_commands_are_open_or_closed_as_executed():
+    space = ActionSpace(low=np.r_[np.full(6, -0.1), -0.1].astype(np.float32),
+                        high=np.r_[np.full(6, 0.1), 1.1].astype(np.float32))
+    chunk = torch.tensor([[0.1, 0, 0, 0, 0, 0, 0.9], [0.2, 0, 0, 0, 0, 0, -0.2],
+                          [0.3, 0, 0, 0, 0, 0, 0.05]])
+    out = parl.executed_gripper(chunk, space)
+    # 0.9 -> 1.04 in robot units: open; -0.2 -> 0.38: closed; 0.05 -> 0.53: open (> 0.5).
+    opened, closed = space.normalise(np.r_[np.zeros(6), 1.0])[6], space.normalise(np.zeros(7))[6]
+    np.testing.assert_allclose(out[:, 6], [opened, closed, opened], rtol=1e-6)
+    torch.testing.assert_close(out[:, :6], chunk[:, :6])  # motion untouched
+
+    torch.manual_seed(0)
+    policy = tiny_policy('diffusion').eval()
+    units = parl.UnitMap(ActionSpace.bridge(), ActionSpace.bridge(), torch.device('cpu'))
+    images = torch.randint(0, 255, (4, 16, 16, 3), dtype=torch.uint8)
+    batch = parl.distillation_batch(policy, QuadraticCritic(), images, torch.randn(4, 4),
+                                    torch.zeros(4, 7), units, parl.PARLConfig(8, top_m=3))
+    bridge = ActionSpace.bridge()
+    executed = {round(float(bridge.normalise(np.r_[np.zeros(6), g])[6]), 5) for g in (0, 1)}
+    assert {round(float(g), 5) for g in batch.actions[..., 6].flatten()} <= executed

@@ -9,7 +9,8 @@ class with `sample_actions`-style sampling and a `supervised_loss` can be improv
    a <- clip(a + step_size * dQ/da), keeping the best value seen;
 3. pick the argmax (or sample softmax(Q / temperature));
 4. distil: one step of the policy's own `supervised_loss` on the optimised actions (when
-   distilling, the dataset action replaces the worst candidate first).
+   distilling, the dataset action replaces the worst candidate first; gripper commands are
+   distilled open or closed, as executed).
 
 The critic is Cal-QL (robot_rl.rl.calql) with `parl_sampler` as its policy sampler, so its TD
 target uses Q(s', optimised action). Actions are optimised in the critic's normalised units and
@@ -28,6 +29,7 @@ import torch
 from policies.common import ChunkPolicy, PolicyBatch
 from robot_rl.models.critic import Critic
 from robot_rl.rl.calql import PolicyInput, PolicySampler, Samples
+from robot_rl.steering.execution import GRIPPER, StickyGripper
 from robot_rl.types import ActionSpace
 
 
@@ -42,6 +44,10 @@ class PARLConfig:
     """Gradient-ascent step on normalised actions (the published 3e-4)."""
     temperature: float = 0.0
     """0: the argmax of Q; > 0: sample softmax(Q / temperature)."""
+    binary_gripper: bool = True
+    """Distil gripper commands as the robot executes them, open or closed (the sticky
+    gripper's threshold): a sampler's in-between values, distilled, become more frequent in
+    the next samples until the gripper stops closing."""
 
     def __post_init__(self):
         if not 1 <= self.top_m <= self.num_samples:
@@ -185,6 +191,18 @@ def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
     return Choice(action, optimised.values[rows, optimised.chosen], chunk, from_data)
 
 
+def executed_gripper(chunk: torch.Tensor, space: ActionSpace) -> torch.Tensor:
+    """chunk (..., 7) in `space`'s normalised units with the gripper command binarised to
+    open (1) or closed (0) at the sticky gripper's threshold, as the robot executes it."""
+    low, high = float(space.low[GRIPPER]), float(space.high[GRIPPER])
+    half, mid = (high - low) / 2, (high + low) / 2
+    command = chunk[..., GRIPPER] * half + mid
+    executed = (command > StickyGripper().threshold).to(chunk.dtype)
+    out = chunk.clone()
+    out[..., GRIPPER] = (executed - mid) / half
+    return out
+
+
 def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
                        lang_emb: torch.Tensor, data_actions: torch.Tensor, units: UnitMap,
                        cfg: PARLConfig, generator: Optional[torch.Generator] = None
@@ -200,7 +218,9 @@ def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor
                                generator)
     mask = torch.ones(choice.chunk.shape[:2], device=images.device)
     mask[choice.from_data, 1:] = 0.0
-    return PolicyBatch(images, lang_emb, choice.chunk, mask)
+    chunk = (executed_gripper(choice.chunk, policy.action_space) if cfg.binary_gripper
+             else choice.chunk)
+    return PolicyBatch(images, lang_emb, chunk, mask)
 
 
 def distil(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, batch: PolicyBatch,
