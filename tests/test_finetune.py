@@ -154,8 +154,8 @@ def attempt(episode: int, success: bool, steps: int = 6) -> StepBatch:
     return StepBatch('robot', episode, TASKS[TASK].instruction, episode, records)
 
 
-def test_distillation_clones_successful_episodes_beside_the_critics_choices(tmp_path,
-                                                                              monkeypatch):
+def test_distillation_clones_successful_episodes_beside_the_critics_choices(
+        tmp_path, monkeypatch):
     cfg = dataclasses.replace(pretrained(tmp_path / 'pretrained'), warmup_episodes=0,
                               bc_ratio=0.5)
     learner = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))

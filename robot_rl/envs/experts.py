@@ -225,7 +225,7 @@ def rollout_episode(env: WidowXEnv, expert: ScriptedExpert, seed: int) -> Episod
 
     N = T + 1 steps for T actions: the last step holds the final observation with a zero action
     and zero reward as padding; is_terminal marks success; discount is 0 only on a terminal
-    step. metadata: task, seed, success, failure_mode, expert config.
+    step. metadata: task, seed, success and the expert's metadata().
     """
     obs, _ = env.reset(seed=seed)
     expert.reset(seed=seed)
