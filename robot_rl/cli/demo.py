@@ -1,7 +1,7 @@
 """robot-rl-demo: the main job. Base generalist, V-GPS steering, then PA-RL fine-tuning.
 
     robot-rl-demo                                   # the shipped checkpoints, ~15 min on 2 cores
-    robot-rl-demo finetune_episodes=100 eval_episodes=50 tasks=[carrot_on_plate,stack_blocks]
+    robot-rl-demo finetune_episodes=100 eval_episodes=100 tasks=[carrot_on_plate,stack_blocks]
     robot-rl-demo checkpoints=runs/my_checkpoints   # policy.safetensors + critic/ of your own
 
 On the simulated WidowX, for every task: evaluate the shipped generalist (K = 1), steer it with
@@ -43,7 +43,7 @@ class DemoConfig:
     """Directory with policy.safetensors and critic/ (a Cal-QL checkpoint directory);
     null = the shipped simulation checkpoints."""
     tasks: List[str] = dataclasses.field(default_factory=lambda: ['carrot_on_plate'])
-    eval_episodes: int = 20
+    eval_episodes: int = 50
     """Evaluation episodes per task and arm (the same seeds in every arm)."""
     num_samples: int = 10
     """V-GPS K."""
