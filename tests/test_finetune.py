@@ -181,9 +181,16 @@ def test_distillation_clones_successful_episodes_beside_the_critics_choices(
     both = batch.mask[half:, 1].numpy() > 0
     np.testing.assert_allclose(cloned[both, 1, 0] - cloned[both, 0, 0], 0.01, atol=1e-4)
 
+    # A second success is drawn beside the first (its own part, nothing rebuilt).
+    learner.ingest(attempt(2, success=True))
+    drawn = learner.successes.sample(64, np.random.default_rng(0))
+    assert len(learner.successes) == 2 and len({img.tobytes() for img in drawn.images}) > 5
+
     restarted = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
-    [again] = restarted.successes.episodes  # back from the on-disk replay, in robot units
-    np.testing.assert_allclose(again.actions[:5, 0], np.arange(5) / 100, atol=1e-5)
+    assert len(restarted.successes) == 2  # back from the on-disk replay, in robot units
+    first = space.unnormalise(restarted.successes.sample(64, np.random.default_rng(1)).actions)
+    np.testing.assert_allclose(first[:, 0, 0], np.round(first[:, 0, 0] * 100) / 100, atol=1e-5)
+    assert set(np.round(first[:, 0, 0] * 100).astype(int)) <= set(range(5))
 
 
 def test_bad_weights_are_never_loaded(tmp_path, caplog):

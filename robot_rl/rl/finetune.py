@@ -134,26 +134,43 @@ class LearnerConfig:
 
 
 class SuccessChunks:
-    """Behaviour-cloning chunks (policy units) of every successful episode seen so far."""
+    """Behaviour-cloning chunks (policy units) of every successful episode seen so far.
+
+    Episodes added between two samples become one ChunkDataset (the offline successes at the
+    start: one, built once; each later online success: a small one of its own), so a new
+    success never copies the frames of the others.
+    """
 
     def __init__(self, horizon: int, action_space: ActionSpace):
         self.horizon, self.action_space = horizon, action_space
-        self.episodes: List[Episode] = []
-        self._dataset: Optional[ChunkDataset] = None
+        self.count = 0
+        self._pending: List[Episode] = []
+        self._parts: List[ChunkDataset] = []
 
     def add(self, episode: Episode) -> None:
         """Keep `episode` (environment units) if it succeeded."""
         if episode.success and episode.num_transitions > 0:
-            self.episodes.append(episode)
-            self._dataset = None  # rebuilt on the next sample: new successes are rare
+            self._pending.append(episode)
+            self.count += 1
 
     def __len__(self) -> int:
-        return len(self.episodes)
+        """Successful episodes kept."""
+        return self.count
 
     def sample(self, n: int, rng: np.random.Generator) -> ChunkBatch:
-        if self._dataset is None:
-            self._dataset = ChunkDataset(self.episodes, self.horizon, self.action_space)
-        return self._dataset.sample(n, rng)
+        """n chunks drawn uniformly over every kept transition."""
+        if self._pending:
+            self._parts.append(ChunkDataset(self._pending, self.horizon, self.action_space))
+            self._pending = []
+        ends = np.cumsum([len(part) for part in self._parts])
+        rows = rng.integers(0, ends[-1], n)
+        owner = np.searchsorted(ends, rows, side='right')
+        batches = [part.get(rows[owner == i] - (ends[i] - len(part)))
+                   for i, part in enumerate(self._parts) if np.any(owner == i)]
+        return ChunkBatch(np.concatenate([b.images for b in batches]),
+                          [text for b in batches for text in b.instructions],
+                          np.concatenate([b.actions for b in batches]),
+                          np.concatenate([b.mask for b in batches]))
 
 
 class LearnerStopped(RuntimeError):
