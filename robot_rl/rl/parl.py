@@ -29,7 +29,7 @@ import torch
 from policies.common import ChunkPolicy, PolicyBatch
 from robot_rl.models.critic import Critic
 from robot_rl.rl.calql import PolicyInput, PolicySampler, Samples
-from robot_rl.steering.execution import GRIPPER, StickyGripper
+from robot_rl.steering.execution import GRIPPER, GRIPPER_THRESHOLD
 from robot_rl.types import ActionSpace
 
 
@@ -197,7 +197,7 @@ def executed_gripper(chunk: torch.Tensor, space: ActionSpace) -> torch.Tensor:
     low, high = float(space.low[GRIPPER]), float(space.high[GRIPPER])
     half, mid = (high - low) / 2, (high + low) / 2
     command = chunk[..., GRIPPER] * half + mid
-    executed = (command > StickyGripper().threshold).to(chunk.dtype)
+    executed = (command > GRIPPER_THRESHOLD).to(chunk.dtype)
     out = chunk.clone()
     out[..., GRIPPER] = (executed - mid) / half
     return out

@@ -16,6 +16,8 @@ import numpy as np
 from robot_rl.types import ACTION_DIM, ActionSpace
 
 GRIPPER = 6
+GRIPPER_THRESHOLD = 0.5
+"""Gripper commands above it open the gripper (1), others close it (0)."""
 STICKY_STEPS = 3
 
 
@@ -48,7 +50,7 @@ class TemporalEnsembler:
 class StickyGripper:
     """Binarise the gripper command (1 open, 0 closed); hold a switch for `steps` steps."""
 
-    def __init__(self, steps: int = STICKY_STEPS, threshold: float = 0.5):
+    def __init__(self, steps: int = STICKY_STEPS, threshold: float = GRIPPER_THRESHOLD):
         self.steps = steps
         self.threshold = threshold
         self.state: Optional[float] = None
