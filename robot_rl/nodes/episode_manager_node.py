@@ -257,7 +257,6 @@ class EpisodeManagerNode(Node):
                 self.get_logger().warn(f'{what}: {j.reason}')
             elif j.final or j.applied:
                 self.get_logger().info(what)
-        self.after_change()
 
     def after_change(self) -> None:
         if self.labeller is not None:
