@@ -193,6 +193,53 @@ def test_distillation_clones_successful_episodes_beside_the_critics_choices(
     assert set(np.round(first[:, 0, 0] * 100).astype(int)) <= set(range(5))
 
 
+def test_a_lagging_acting_policy_samples_acts_and_follows_the_distilled_one(
+        tmp_path, monkeypatch):
+    cfg = dataclasses.replace(pretrained(tmp_path / 'pretrained'), warmup_episodes=0,
+                              bc_ratio=0.0, policy_tau=0.25)
+    learner = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    assert learner.acting is not learner.policy
+    sampled_from = []
+    real_batch = ft.parl.distillation_batch
+    monkeypatch.setattr(ft.parl, 'distillation_batch', lambda policy, *args: (
+        sampled_from.append(policy), real_batch(policy, *args))[1])
+    learner.ingest(attempt(0, success=True))
+    acting_before = {k: v.clone() for k, v in learner.acting.state_dict().items()}
+    learner.update()
+
+    assert sampled_from == [learner.acting]  # candidates come from the acting copy
+    distilled = learner.policy.state_dict()
+    moved = 0
+    for k, before in acting_before.items():
+        expected = before + 0.25 * (distilled[k] - before)
+        torch.testing.assert_close(learner.acting.state_dict()[k], expected)
+        moved += not torch.equal(before, distilled[k])
+    assert moved > 0  # the distillation step changed the policy, the acting copy a quarter
+    streamed = ft.decode_weights(learner.publish()).tensors
+    for k, v in learner.acting.state_dict().items():
+        np.testing.assert_allclose(streamed[f'policy.{k}'], v.numpy())
+
+    learner.save()
+    last = tmp_path / 'run' / 'checkpoints' / 'last'
+    restarted = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    for mine, theirs in ((learner.acting, restarted.acting), (learner.policy, restarted.policy)):
+        for k, v in mine.state_dict().items():
+            assert torch.equal(v, theirs.state_dict()[k])
+    saved = policy_tensors(last / ft.POLICY_FILE)  # what users deploy: the acting policy
+    assert all(torch.equal(saved[k], v) for k, v in learner.acting.state_dict().items())
+    assert (last / ft.DISTILLED_FILE).exists()
+
+    frozen = dataclasses.replace(cfg, policy_tau=0.0)
+    pinned = ft.Learner(frozen, tmp_path / 'run0', torch.device('cpu'))
+    pinned.ingest(attempt(0, success=True))
+    pinned.update()
+    for k, v in policy_tensors(cfg.policy_path).items():  # tau 0: the pre-trained policy acts
+        assert torch.equal(pinned.acting.state_dict()[k], v)
+    with pytest.raises(ValueError, match='policy_tau'):
+        ft.Learner(dataclasses.replace(cfg, policy_tau=1.5), tmp_path / 'run1',
+                   torch.device('cpu'))
+
+
 def test_bad_weights_are_never_loaded(tmp_path, caplog):
     cfg = pretrained(tmp_path / 'pretrained')
     models = ft.Models(cfg, torch.device('cpu'), 0)

@@ -25,6 +25,7 @@ Two schedules over the same `Learner` and `Actor`:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -47,7 +48,7 @@ from robot_rl.models import checkpoint
 from robot_rl.models.critic import Critic, load_critic, save_critic
 from robot_rl.rl import learner as common
 from robot_rl.rl import parl
-from robot_rl.rl.calql import CalQL, CalQLConfig
+from robot_rl.rl.calql import CalQL, CalQLConfig, polyak_update
 from robot_rl.rl.online_learner import records_to_episode
 from robot_rl.rl.train_bc import to_policy_batch
 from robot_rl.steering.execution import ChunkExecutor
@@ -62,6 +63,8 @@ from robot_rl.types import ActionSpace, Episode, fit_image, IMAGE_KEY, Observati
 logger = logging.getLogger(__name__)
 
 POLICY_FILE = 'policy.safetensors'
+DISTILLED_FILE = 'distilled_policy.safetensors'
+"""With policy_tau < 1: the distilled policy, beside the acting one in POLICY_FILE."""
 STATE_FORMAT = 'robot_rl.finetune_state/1'
 CURVE_FILE = 'curve.jsonl'
 
@@ -102,6 +105,13 @@ class LearnerConfig:
     """Share of every distillation batch that clones chunks of successful episodes (offline
     and online) instead of the critic's choices: distilling a policy on its own samples alone
     drifts it away from its data (README), this keeps it there. 0: PA-RL's targets only."""
+    policy_tau: float = 1.0
+    """Rate at which the acting policy follows the distilled one after every update
+    (Polyak). The acting policy samples PA-RL's candidates, acts, is streamed to the actor
+    and saved as policy.safetensors. 1: they are one policy (PA-RL as published). Below 1,
+    candidates come from a slowly moving copy: a policy distilled on its own samples
+    collapses within a few hundred updates, one distilled on a fixed copy's samples does not
+    (README). 0: the pre-trained policy always acts."""
     grad_clip: float = 1.0
     publish_every: int = 20
     """Processes: send the actor new weights every this many updates."""
@@ -130,6 +140,7 @@ class LearnerConfig:
              'batch_size, publish_every, checkpoint_every >= 1'),
             (self.policy_lr > 0, 'policy_lr > 0'),
             (0.0 <= self.bc_ratio < 1.0, 'bc_ratio in [0, 1)'),
+            (0.0 <= self.policy_tau <= 1.0, 'policy_tau in [0, 1]'),
             (self.weights_dtype in WIRE_DTYPES, f'weights_dtype in {WIRE_DTYPES}')) if not ok]
 
 
@@ -234,8 +245,10 @@ class Learner:
         torch.manual_seed(seed)
         self.models = Models(cfg, device, seed)
         self.policy, self.space = self.models.policy, self.models.critic_space
+        # The policy that samples candidates and acts; the distilled one itself at tau 1.
+        self.acting = self.policy if cfg.policy_tau == 1.0 else copy.deepcopy(self.policy)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        sampler = parl.parl_sampler(self.policy, self.models.critic, self.models.units, cfg.parl)
+        sampler = parl.parl_sampler(self.acting, self.models.critic, self.models.units, cfg.parl)
         self.calql = CalQL(self.models.critic, cfg.algo, sampler=sampler, generator=self.generator)
         if self.models.target is not None:
             self.calql.target_critic.load_state_dict(self.models.target.state_dict())
@@ -371,13 +384,15 @@ class Learner:
         stats = self.calql.update(cbatch)
         cloned = round(self.cfg.bc_ratio * len(cbatch.images)) if len(self.successes) else 0
         rl = len(cbatch.images) - cloned
-        targets = parl.distillation_batch(self.policy, self.calql.critic, cbatch.images[:rl],
+        targets = parl.distillation_batch(self.acting, self.calql.critic, cbatch.images[:rl],
                                           cbatch.lang_emb[:rl], cbatch.actions[:rl],
                                           self.models.units, self.cfg.parl, self.generator)
         if cloned:
             targets = concat_batches(targets, to_policy_batch(
                 self.successes.sample(cloned, self.rng), self.policy))
         policy_loss = parl.distil(self.policy, self.policy_opt, targets, self.cfg.grad_clip)
+        if self.acting is not self.policy:
+            polyak_update(self.acting, self.policy, self.cfg.policy_tau)
         if not (math.isfinite(stats.loss) and math.isfinite(policy_loss)):
             raise LearnerStopped(f'non-finite loss at update {self.updates + 1} (critic '
                                  f'{stats.loss}, policy {policy_loss}); the last checkpoint '
@@ -387,8 +402,8 @@ class Learner:
         return self.last_stats
 
     def weights_message(self) -> bytes:
-        """Envelope bytes of the current policy and critic at the current version."""
-        return weights_message(self.policy, self.calql.critic, self.version,
+        """Envelope bytes of the acting policy and the critic at the current version."""
+        return weights_message(self.acting, self.calql.critic, self.version,
                                {'updates': self.updates}, self.cfg.weights_dtype)
 
     def publish(self) -> bytes:
@@ -424,7 +439,9 @@ class Learner:
             root.mkdir(parents=True, exist_ok=True)
             if directory.exists():
                 return directory
-            save_policy(tmp / POLICY_FILE, self.policy, extra)
+            save_policy(tmp / POLICY_FILE, self.acting, extra)
+            if self.acting is not self.policy:
+                save_policy(tmp / DISTILLED_FILE, self.policy, extra)
             save_critic(tmp / common.CRITIC_FILE, self.calql.critic, self.space, extra)
             save_critic(tmp / common.TARGET_FILE, self.calql.target_critic, self.space, extra)
             tensors: Dict[str, torch.Tensor] = {'log_alpha': self.calql.log_alpha.detach()[None]}
@@ -449,8 +466,14 @@ class Learner:
             logger.info('fresh run in %s (optimiser states reset for the online phase)',
                         self.run_dir)
             return
-        for name, module in ((POLICY_FILE, self.policy), (common.CRITIC_FILE, self.calql.critic),
-                             (common.TARGET_FILE, self.calql.target_critic)):
+        modules = [(POLICY_FILE, self.acting), (common.CRITIC_FILE, self.calql.critic),
+                   (common.TARGET_FILE, self.calql.target_critic)]
+        if self.acting is not self.policy:
+            if not (last / DISTILLED_FILE).exists():
+                raise ValueError(f'{last}: no {DISTILLED_FILE} to resume policy_tau '
+                                 f'{self.cfg.policy_tau} from (the run used policy_tau 1)')
+            modules.append((DISTILLED_FILE, self.policy))
+        for name, module in modules:
             tensors, _ = checkpoint.read_checkpoint(last / name)
             checkpoint.load_tensors_into(module, tensors, str(last / name))
         tensors, meta = checkpoint.read_checkpoint(last / common.STATE_FILE)
