@@ -36,6 +36,8 @@ STATE_HIGH = np.array([1.0, 1.0, 1.0, np.pi, np.pi / 2, np.pi, 1.0], dtype=np.fl
 """Loose bounds of the observed state (the arm reaches < 0.7 m from its base)."""
 SETTLE_TIME = 0.1  # s of physics after placing objects, so they rest before the first frame
 SPAWN_ATTEMPTS = 100
+STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
+"""What a snapshot keeps of MuJoCo's state: all a simulation step depends on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,16 @@ class ObjectPose:
     pos: np.ndarray
     quat: np.ndarray
     yaw: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSnapshot:
+    """Everything a rollout continues from: the physics state and the controller's own."""
+    physics: np.ndarray      # mj_getState, mjSTATE_INTEGRATION (time, qpos, qvel, act, ctrl, ...)
+    steps: int
+    joint_target: np.ndarray
+    target_pos: np.ndarray
+    target_rot: np.ndarray
 
 
 class WidowXEnv(gymnasium.Env):
@@ -139,6 +151,26 @@ class WidowXEnv(gymnasium.Env):
         truncated = not success and self._steps >= self.task.max_steps
         reward = REWARD_SUCCESS if success else REWARD_STEP
         return self._observation(), reward, success, truncated, self._info(success)
+
+    def snapshot(self) -> EnvSnapshot:
+        """The scene as it is now, to `restore` later (e.g. to try several actions from one
+        state and follow each to its outcome)."""
+        physics = np.empty(mujoco.mj_stateSize(self._model, STATE_SPEC))
+        mujoco.mj_getState(self._model, self._data, physics, STATE_SPEC)
+        return EnvSnapshot(physics, self._steps, self._joint_target.copy(),
+                           self._target_pos.copy(), self._target_rot.copy())
+
+    def restore(self, snapshot: EnvSnapshot) -> Observation:
+        """Put the scene back as `snapshot` found it; returns its observation."""
+        if snapshot.physics.shape != (mujoco.mj_stateSize(self._model, STATE_SPEC),):
+            raise ValueError(f'snapshot of {snapshot.physics.shape} physics values does not fit '
+                             f'the {self.task.name} scene')
+        mujoco.mj_setState(self._model, self._data, snapshot.physics, STATE_SPEC)
+        mujoco.mj_forward(self._model, self._data)
+        self._steps = snapshot.steps
+        self._joint_target = snapshot.joint_target.copy()
+        self._target_pos, self._target_rot = snapshot.target_pos.copy(), snapshot.target_rot.copy()
+        return self._observation()
 
     def render(self) -> Optional[np.ndarray]:
         """The latest primary-camera frame, uint8 (S, S, 3), when render_mode is 'rgb_array'."""
