@@ -110,8 +110,9 @@ class LearnerConfig:
     (Polyak). The acting policy samples PA-RL's candidates, acts, is streamed to the actor
     and saved as policy.safetensors. 1: they are one policy (PA-RL as published). Below 1,
     candidates come from a slowly moving copy: a policy distilled on its own samples
-    collapses within a few hundred updates, one distilled on a fixed copy's samples does not
-    (README). 0: the pre-trained policy always acts."""
+    collapses within a few hundred updates, one distilled on a fixed copy's samples loses
+    far less (README; at 0.01 the copy only delays the collapse). 0: the pre-trained policy
+    always acts."""
     grad_clip: float = 1.0
     publish_every: int = 20
     """Processes: send the actor new weights every this many updates."""
