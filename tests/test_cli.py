@@ -87,3 +87,38 @@ def test_demo_runs_base_vgps_and_parl_on_the_shipped_checkpoints(tmp_path):
     reader = imageio.get_reader(tmp_path / 'demo' / 'videos' / 'parl.mp4')
     frame = reader.get_data(0)
     assert frame.shape == (128, 128, 3) and frame.std() > 5  # a real rendered scene
+
+
+def test_critic_ranking_follows_every_candidate_to_an_outcome(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / 'ranking.json'
+    result = subprocess.run([sys.executable, str(repo / 'scripts' / 'critic_ranking.py'),
+                             '--episodes', '1', '--candidates', '3', '--rollouts', '2',
+                             '--every', '10', '--until', '20', '--out', str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    states = report['states']
+    assert [s['step'] for s in states] == [10, 20]  # probed where asked, the episode went on
+    for state in states:
+        assert len(state['q']) == len(state['outcome']) == 3
+        assert np.all(np.isfinite(state['q']))
+        # Each outcome is a success rate over 2 rollouts.
+        assert set(state['outcome']) <= {0.0, 0.5, 1.0}
+    summary = report['summary']
+    assert summary['states'] == 2
+    assert summary['mean_outcome'] == np.mean([s['outcome'] for s in states])
+
+
+def test_spearman_of_the_ranking_script_matches_the_definition():
+    import importlib.util
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location('critic_ranking',
+                                                  repo / 'scripts' / 'critic_ranking.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert module.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # Ties share their mean rank: ranks (1, 2, 3) against (1.5, 1.5, 3) -> sqrt(3) / 2.
+    assert abs(module.spearman([1, 2, 3], [0.0, 0.0, 1.0]) - np.sqrt(3) / 2) < 1e-12
+    assert np.isnan(module.spearman([1, 2, 3], [0.5, 0.5, 0.5]))
