@@ -7,7 +7,8 @@ observation once and samples `num_samples` chunks from it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Protocol, runtime_checkable, Sequence, Type
+from typing import (Any, Callable, Dict, Mapping, Optional, Protocol, runtime_checkable, Sequence,
+                    Type)
 
 import numpy as np
 
@@ -19,8 +20,12 @@ class Policy(Protocol):
     action_horizon: int
     """H: the length of the action chunk the policy predicts."""
 
-    def reset(self) -> None:
-        """Forget any per-episode state (history, temporal ensembles)."""
+    def reset(self, seed: Optional[int] = None) -> None:
+        """Forget any per-episode state (history, temporal ensembles).
+
+        With a seed, the sampling stream restarts from it, so an episode's samples do not
+        depend on the episodes before it.
+        """
 
     def sample_actions(self, obs: Observation, instruction: str,
                        num_samples: int) -> np.ndarray:

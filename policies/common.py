@@ -102,8 +102,9 @@ class ChunkPolicy(nn.Module):
                 int(self.generator.initial_seed()))
         return module
 
-    def reset(self) -> None:
-        pass
+    def reset(self, seed: Optional[int] = None) -> None:
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
 
     def embed(self, instructions) -> torch.Tensor:
         """Instructions (list of str) -> (B, lang_dim) embeddings on the policy's device."""

@@ -131,8 +131,14 @@ class OctoPolicy:
         self.steps = 0
         self.tasks: Dict[str, Any] = {}
 
-    def reset(self) -> None:
-        """A new episode: the history window starts over."""
+    def reset(self, seed: Optional[int] = None) -> None:
+        """A new episode: the history window starts over.
+
+        A seed restarts the default key sequence; a key source given at construction is the
+        caller's to seed.
+        """
+        if seed is not None and isinstance(self.keys, JaxKeys):
+            self.keys = JaxKeys(seed)
         self.history.clear()
         self.steps = 0
 

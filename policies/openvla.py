@@ -379,8 +379,10 @@ class OpenVLAPolicy(nn.Module):
                 int(self.generator.initial_seed()))
         return module
 
-    def reset(self) -> None:
-        """OpenVLA keeps no per-episode state."""
+    def reset(self, seed: Optional[int] = None) -> None:
+        """OpenVLA keeps no per-episode state; a seed restarts its sampling stream."""
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
 
     def sample_actions(self, obs: Observation, instruction: str, num_samples: int) -> np.ndarray:
         """float32 (num_samples, 1, 7) actions in environment units, from one encoding."""

@@ -33,7 +33,7 @@ class HoldPolicy:
     def __init__(self, **_: Any):
         self.action_space = ActionSpace.bridge()
 
-    def reset(self) -> None:
+    def reset(self, seed: Optional[int] = None) -> None:
         pass
 
     def sample_actions(self, obs: Observation, instruction: str, num_samples: int) -> np.ndarray:
@@ -54,8 +54,10 @@ class RandomWalkPolicy:
         self._rng = np.random.default_rng(seed)
         self._gripper = 1.0
 
-    def reset(self) -> None:
+    def reset(self, seed: Optional[int] = None) -> None:
         self._gripper = 1.0
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
 
     def sample_actions(self, obs: Observation, instruction: str, num_samples: int) -> np.ndarray:
         if self._rng.random() < 0.1:
@@ -109,8 +111,9 @@ class TinyMLPPolicy:
         self.noise = float(noise)
         self._gen = torch.Generator().manual_seed(seed)
 
-    def reset(self) -> None:
-        pass
+    def reset(self, seed: Optional[int] = None) -> None:
+        if seed is not None:
+            self._gen.manual_seed(int(seed))
 
     def _inputs(self, images: np.ndarray, states: np.ndarray) -> torch.Tensor:
         x = np.concatenate([thumbnails(images), np.asarray(states, np.float32)], axis=1)

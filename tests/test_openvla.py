@@ -229,8 +229,8 @@ def test_vgps_steering_runs_on_the_adapter():
         """The adapter, passed through; keeps the candidates it returned."""
         action_horizon = policy.action_horizon
 
-        def reset(self):
-            policy.reset()
+        def reset(self, seed=None):
+            policy.reset(seed)
 
         def sample_actions(self, obs, instruction, num_samples):
             seen.append(policy.sample_actions(obs, instruction, num_samples))

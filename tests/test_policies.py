@@ -147,6 +147,22 @@ def test_samples_shape_units_and_seeding(name):
 
 
 @pytest.mark.parametrize('name', NAMES)
+def test_reset_with_a_seed_replays_an_episode_whatever_came_before(name):
+    policy = tiny_policy(name).eval()
+    obs, text = observation(), 'pick up the cup'
+    policy.reset(seed=3)
+    first = [policy.sample_actions(obs, text, 4) for _ in range(2)]
+    policy.sample_actions(obs, text, 9)  # another episode draws from the stream
+    policy.reset(seed=3)
+    again = [policy.sample_actions(obs, text, 4) for _ in range(2)]
+    np.testing.assert_array_equal(np.stack(first), np.stack(again))
+    policy.reset(seed=4)
+    assert not np.allclose(policy.sample_actions(obs, text, 4), first[0])
+    policy.reset()  # no seed: the stream goes on
+    assert not np.allclose(policy.sample_actions(obs, text, 4), first[0])
+
+
+@pytest.mark.parametrize('name', NAMES)
 def test_one_observation_encoding_per_call(name):
     policy = tiny_policy(name)
     calls = []

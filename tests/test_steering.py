@@ -25,7 +25,7 @@ class FixedCandidates:
         self.chunks = chunks
         self.calls = []
 
-    def reset(self):
+    def reset(self, seed=None):
         pass
 
     def sample_actions(self, obs, instruction, num_samples):

@@ -7,7 +7,8 @@
 
 Arms: 'base' (K = 1, no critic), 'vgps K=k' for every k in num_samples, and 'random K=r', the
 control that re-ranks r samples uniformly. Every arm runs the same episodes: episode i of a
-task uses environment seed `seed + i` in every arm. Execution (temporal ensembling, sticky
+task uses environment seed `seed + i` in every arm, and the policy's sampling stream restarts
+from that seed, so each episode can be re-run on its own. Execution (temporal ensembling, sticky
 gripper, the robot's limits) is the same in every arm, so only the choice among samples differs.
 
 Writes to output_dir: results.json, success_vs_k.png, videos/<arm>.mp4, and prints a table of

@@ -532,8 +532,8 @@ class Actor:
         return True
 
     def reset(self, seed: Optional[int] = None) -> None:
-        """A new episode (`seed` reseeds the softmax selection, as ValueGuidedSteering does)."""
-        self.policy.reset()
+        """A new episode (`seed` restarts the policy's sampling and the softmax selection)."""
+        self.policy.reset(seed)
         self.executor.reset()
         if seed is not None:
             self.generator.manual_seed(seed)

@@ -75,7 +75,7 @@ class ValueGuidedSteering:
         self.last = StepInfo()
 
     def reset(self, seed: Optional[int] = None) -> None:
-        self.policy.reset()
+        self.policy.reset(seed)
         self.executor.reset()
         if seed is not None:
             self.rng = np.random.default_rng(seed)
