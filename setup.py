@@ -47,6 +47,7 @@ setup(
             'widowx = robot_rl.nodes.widowx_node:main',
             'camera = robot_rl.nodes.camera_node:main',
             'episode_manager = robot_rl.nodes.episode_manager_node:main',
+            'spacemouse = robot_rl.nodes.spacemouse_node:main',
             'robot-rl-train-critic = robot_rl.cli.train_critic:main',
             'robot-rl-train-bc = robot_rl.cli.train_bc:main',
             'robot-rl-eval = robot_rl.cli.evaluate:main',

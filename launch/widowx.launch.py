@@ -9,7 +9,8 @@ widowx node's homing service:
         -p reset_service:=home -p instruction:="put the spoon on the towel"
 
     ros2 launch robot_rl widowx.launch.py robot_model:=wx250s camera_device:=0 \
-        policy:=tiny_mlp critic_checkpoint:=/path/critic.safetensors finetune:=false
+        policy:=tiny_mlp critic_checkpoint:=/path/critic.safetensors finetune:=false \
+        spacemouse:=true spacemouse_device:=/dev/hidraw0    # optional SpaceMouse takeover
 """
 
 import os
@@ -39,6 +40,10 @@ def generate_launch_description():
                               description='Critic checkpoint for steering (empty = none).'),
         DeclareLaunchArgument('finetune', default_value='false',
                               description='Run the learner node on this machine.'),
+        DeclareLaunchArgument('spacemouse', default_value='false',
+                              description='Run the SpaceMouse teleop node (takeover device).'),
+        DeclareLaunchArgument('spacemouse_device', default_value='/dev/hidraw0',
+                              description='hidraw device of the SpaceMouse.'),
         Node(package='robot_rl', executable='camera', name='camera',
              parameters=[params('camera.yaml'), {'device': arg('camera_device')}]),
         Node(package='robot_rl', executable='widowx', name='widowx',
@@ -53,4 +58,8 @@ def generate_launch_description():
              condition=IfCondition(arg('finetune'))),
         Node(package='robot_rl', executable='recorder', name='recorder',
              parameters=[params('recorder.yaml')]),
+        Node(package='robot_rl', executable='spacemouse', name='spacemouse',
+             parameters=[params('spacemouse.yaml'),
+                         {'device_path': arg('spacemouse_device')}],
+             condition=IfCondition(arg('spacemouse'))),
     ])

@@ -161,6 +161,28 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
         P('classifier_language_model', '', 'Local sentence-encoder directory of the '
           "classifier's instruction embeddings (empty = the bundled MiniLM).", read_only=True),
     ],
+    'spacemouse': [
+        P('device_path', '/dev/hidraw0', 'hidraw device of the 3Dconnexion SpaceMouse (see '
+          'ls -l /dev/hidraw* and the device names in /sys/class/hidraw/*/device/uevent).',
+          read_only=True),
+        _RATE,
+        P('read_rate_hz', 100.0, 'How often waiting HID reports are read (Hz); the devices '
+          'send about 60 a second while moved.', 5.0, 1000.0, read_only=True),
+        P('full_scale', 350.0, 'Raw axis value at full deflection.', 1.0, 32767.0,
+          read_only=True),
+        P('deadzone', 0.1, 'Deflections below this fraction of full scale count as zero.',
+          0.0, 0.9, read_only=True),
+        P('translation_scale', 0.4, 'Full deflection moves this fraction of the per-step '
+          'translation bound (5 cm).', 0.01, 1.0, read_only=True),
+        P('rotation_scale', 0.4, 'Full deflection turns this fraction of the per-step '
+          'rotation bound (0.25 rad).', 0.01, 1.0, read_only=True),
+        P('axis_map', [-2, -1, -3, 0, 0, -6], 'Robot axes x, y, z, roll, pitch, yaw from '
+          'signed device axes 1..6 = X right, Y toward the user, Z down, Rx, Ry, Rz (0 = off); '
+          'the default suits a person behind the arm (robot_rl.episodes.spacemouse).',
+          read_only=True),
+        P('gripper_button', 0, 'Button (bit of the button report) whose press toggles the '
+          'gripper.', 0, 63, read_only=True),
+    ],
     'camera': [
         P('device', '0', 'OpenCV capture source: a device index ("0") or a path/URL.',
           read_only=True),
