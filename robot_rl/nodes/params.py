@@ -165,7 +165,10 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
         P('device_path', '/dev/hidraw0', 'hidraw device of the 3Dconnexion SpaceMouse (see '
           'ls -l /dev/hidraw* and the device names in /sys/class/hidraw/*/device/uevent).',
           read_only=True),
-        _RATE,
+        P('control_rate_hz', 10.0, 'teleop/action rate (Hz). Each action is one robot step '
+          "and the policy node runs the latest, so keep it above the policy's control rate "
+          '(2x: every step finds a fresh one) and its period below teleop_timeout_s.', 0.5,
+          50.0, read_only=True),
         P('read_rate_hz', 100.0, 'How often waiting HID reports are read (Hz); the devices '
           'send about 60 a second while moved.', 5.0, 1000.0, read_only=True),
         P('full_scale', 350.0, 'Raw axis value at full deflection.', 1.0, 32767.0,

@@ -12,8 +12,11 @@ Subscribes:
     action_sent      std_msgs/Float32MultiArray: the arm's executed action; until a person
                      takes over its gripper is adopted, so a takeover keeps the gripper as it is
 Publishes:
-    teleop/action    std_msgs/Float32MultiArray, one bounded 7-d delta per control period
-                     (COMMAND_QOS), while the device is there
+    teleop/action    std_msgs/Float32MultiArray, one bounded 7-d delta per robot step
+                     (COMMAND_QOS) at control_rate_hz, while the device is there. The policy
+                     node runs the latest at its own rate, so this rate is twice its rate by
+                     default: at equal rates the timers' phases drift and some steps find
+                     nothing new (the arm stands still for that step)
 
 When the device disappears (unplugged: a read error; end of file) the node logs an error and
 stops publishing, and stays up. The policy node then hears nothing for teleop_timeout_s: while a
