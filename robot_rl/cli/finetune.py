@@ -35,12 +35,32 @@ from robot_rl.rl.finetune import CURVE_FILE, LearnerConfig
 
 MODES = ('sync', 'processes', 'learner', 'actor')
 PORT_FILE = 'learner.port'
+OUTCOMES_FILE = 'outcomes.jsonl'
+"""The actor's view of each episode (task, success, and with a classifier how it was labelled
+and the simulator's verdict), one JSON line per episode."""
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Where episode outcomes come from: the simulator (default), or a learned success
+    classifier with the simulator hidden and answering only when the classifier is unsure
+    (robot_rl.rewards.hidden), as a person would on the robot."""
+
+    classifier_path: Optional[str] = None
+    """robot-rl-train-reward checkpoint; null = the simulator's ground truth."""
+    confidence: float = 0.8
+    """The classifier labels when max(p, 1 - p) is at least this; below, the simulator does."""
+    check_every_steps: int = 5
+    """While an episode runs, a confident success every N steps ends it (0: final frame only)."""
+    language_model: Optional[str] = None
+    """Sentence encoder of the classifier's instructions (null: the bundled MiniLM)."""
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
     learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     tasks: List[str] = dataclasses.field(default_factory=lambda: ['carrot_on_plate'])
     """Simulated tasks, episodes round-robin (robot_rl.envs.TASKS)."""
     episodes: int = 100
@@ -74,6 +94,8 @@ class FinetuneConfig:
             (self.control_hz >= 0, 'control_hz >= 0'),
             (self.send_every >= 1, 'send_every >= 1'),
             (self.curve_window >= 1, 'curve_window >= 1'),
+            (0.5 <= self.reward.confidence <= 1.0, 'reward.confidence in [0.5, 1]'),
+            (self.reward.check_every_steps >= 0, 'reward.check_every_steps >= 0'),
             (0 <= self.port < 65536, 'port in [0, 65535]')) if not ok]
         if problems:
             raise ValueError('invalid finetune config: need ' + '; '.join(problems))
@@ -98,6 +120,18 @@ ConfigStore.instance().store(name='finetune_schema', node=FinetuneConfig)
 def read_curve(run_dir: Path) -> List[Dict]:
     path = Path(run_dir) / CURVE_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def true_success_curve(curve: List[Dict], run_dir: Path) -> List[Dict]:
+    """The learner's curve with each episode's success replaced by the simulator's verdict,
+    when a classifier gave the rewards (outcomes.jsonl has true_success); [] otherwise."""
+    path = Path(run_dir) / OUTCOMES_FILE
+    outcomes = ([json.loads(line) for line in path.read_text().splitlines()]
+                if path.exists() else [])
+    if not outcomes or len(outcomes) != len(curve) or any('true_success' not in o
+                                                          for o in outcomes):
+        return []
+    return [{**c, 'success': bool(o['true_success'])} for c, o in zip(curve, outcomes)]
 
 
 def moving_success(curve: List[Dict], window: int) -> np.ndarray:
@@ -157,7 +191,20 @@ def setup_torch(cfg: FinetuneConfig):
 def make_environments(cfg: FinetuneConfig, image_size: int):
     from robot_rl.envs import make_env
     envs = {task: make_env(task, image_size=image_size) for task in cfg.tasks}
+    if cfg.reward.classifier_path:
+        from robot_rl.episodes.labeller import load_probability
+        from robot_rl.rewards.hidden import ClassifierRewardEnv
+        probability = load_probability(cfg.reward.classifier_path, cfg.reward.language_model)
+        envs = {task: ClassifierRewardEnv(env, probability, cfg.reward.confidence,
+                                          cfg.reward.check_every_steps)
+                for task, env in envs.items()}
     return envs, {task: TASKS[task].instruction for task in cfg.tasks}
+
+
+def write_outcomes(run_dir: Path, summaries: List[Dict]) -> None:
+    with open(run_dir / OUTCOMES_FILE, 'a') as f:
+        for summary in summaries:
+            f.write(json.dumps(summary) + '\n')
 
 
 def run_sync_mode(cfg: FinetuneConfig, run_dir: Path) -> None:
@@ -172,7 +219,7 @@ def run_sync_mode(cfg: FinetuneConfig, run_dir: Path) -> None:
     plan = ft.episode_plan(cfg.tasks, cfg.total_episodes, cfg.seed)
     with tqdm(total=len(plan), initial=learner.episodes, desc='PA-RL episodes',
               unit='ep') as progress:
-        ft.run_sync(learner, actor, envs, instructions, plan, progress)
+        write_outcomes(run_dir, ft.run_sync(learner, actor, envs, instructions, plan, progress))
 
 
 def run_learner_mode(cfg: FinetuneConfig, run_dir: Path) -> None:
@@ -202,8 +249,8 @@ def run_actor_mode(cfg: FinetuneConfig, run_dir: Path, port: Optional[int] = Non
     timing = ft.ActorTiming()
     plan = ft.episode_plan(cfg.tasks, cfg.total_episodes, cfg.seed)
     with tqdm(total=len(plan), desc='actor episodes', unit='ep') as progress:
-        ft.run_actor(actor, link, envs, instructions, plan, cfg.control_hz, cfg.send_every,
-                     timing, progress)
+        write_outcomes(run_dir, ft.run_actor(actor, link, envs, instructions, plan,
+                                             cfg.control_hz, cfg.send_every, timing, progress))
     if not link.wait_until_acked(timeout=120):
         logger.error('%d transition batches were not confirmed by the learner', link.unacked)
     link.close()
@@ -248,12 +295,18 @@ def run(cfg: FinetuneConfig) -> Path:
     {'sync': run_sync_mode, 'processes': run_processes_mode, 'learner': run_learner_mode,
      'actor': run_actor_mode}[cfg.mode](cfg, run_dir)
     curve = read_curve(run_dir)
-    online = [c['success'] for c in curve if not c['warmup']]
-    if cfg.mode != 'learner' and online:
-        plot = plot_curves({run_dir.name: curve}, run_dir / 'curve.png', cfg.curve_window)
-        print(f'online success: first {cfg.curve_window} episodes '
-              f'{np.mean(online[:cfg.curve_window]):.0%}, last {cfg.curve_window} '
-              f'{np.mean(online[-cfg.curve_window:]):.0%} ({len(online)} episodes)')
+    curves = {run_dir.name: curve}
+    truth = true_success_curve(curve, run_dir)
+    if truth:  # a classifier gave the rewards: plot what really happened beside what it said
+        curves = {f'{run_dir.name} (classifier labels)': curve,
+                  f'{run_dir.name} (true success)': truth}
+    if cfg.mode != 'learner' and any(not c['warmup'] for c in curve):
+        plot = plot_curves(curves, run_dir / 'curve.png', cfg.curve_window)
+        for name, lines in curves.items():
+            online = [c['success'] for c in lines if not c['warmup']]
+            print(f'{name}: online success first {cfg.curve_window} episodes '
+                  f'{np.mean(online[:cfg.curve_window]):.0%}, last {cfg.curve_window} '
+                  f'{np.mean(online[-cfg.curve_window:]):.0%} ({len(online)} episodes)')
         print(f'Curve: {plot}')
     print(f'Run: {run_dir}')
     return run_dir

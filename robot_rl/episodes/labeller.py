@@ -26,8 +26,6 @@ them and applies its labels. Frames are opaque here: whatever the probability fu
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from robot_rl.episodes.manager import EpisodeManager, LabelRejected, RUNNING
@@ -155,12 +153,8 @@ class ClassifierLabeller:
         return Judgement(episode, decision, p, final, True)
 
     def _probability(self, frame: Any, instruction: str) -> float:
-        p = self.probability(frame, instruction)
-        if (isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p)
-                or not 0.0 <= p <= 1.0):
-            raise ValueError(f'the probability function returned {p!r}, not a probability '
-                             'in [0, 1]')
-        return float(p)
+        from robot_rl.rewards.classifier import checked_probability  # torch: only when used
+        return checked_probability(self.probability(frame, instruction))
 
 
 def load_probability(path: str, language_model: Optional[str] = None,

@@ -11,7 +11,9 @@ confidence is below the threshold, so a person labels the episodes the classifie
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+import math
+import numbers
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -184,6 +186,14 @@ class Proposal:
     """'success', 'failure', or ASK (below the confidence threshold: a person decides)."""
     probability: float
     confidence: float
+
+
+def checked_probability(p: Any) -> float:
+    """`p` as a float; ValueError when it is not a probability (a classifier gone wrong)."""
+    if (isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p)
+            or not 0.0 <= p <= 1.0):
+        raise ValueError(f'the success classifier returned {p!r}, not a probability in [0, 1]')
+    return float(p)
 
 
 def propose(probability: float, confidence_threshold: float) -> Proposal:

@@ -555,13 +555,14 @@ class Actor:
     def run_episode(self, env, instruction: str, seed: int,
                     on_step: Optional[Callable[[StepRecord], None]] = None,
                     before_step: Optional[Callable[[], None]] = None
-                    ) -> Tuple[List[StepRecord], bool]:
-        """One episode: (step records, success). `on_step` sees each record as it is made;
-        `before_step` runs before each action (pacing, taking new weights)."""
+                    ) -> Tuple[List[StepRecord], Dict[str, Any]]:
+        """One episode: (step records, the last step's info; info['success'] is the outcome).
+        `on_step` sees each record as it is made; `before_step` runs before each action
+        (pacing, taking new weights)."""
         obs, _ = env.reset(seed=seed)
         self.reset()
         records: List[StepRecord] = []
-        done = success = False
+        done, info = False, {'success': False}
         while not done:
             if before_step is not None:
                 before_step()
@@ -572,13 +573,13 @@ class Actor:
                                       self.version))
             if on_step is not None:
                 on_step(records[-1])
-            obs, done, success = next_obs, terminated or truncated, bool(info['success'])
+            obs, done = next_obs, terminated or truncated
         records.append(StepRecord(len(records), obs[IMAGE_KEY], obs[STATE_KEY],
-                                  np.zeros(7, np.float32), 0.0, False, True, success,
-                                  self.version))
+                                  np.zeros(7, np.float32), 0.0, False, True,
+                                  bool(info['success']), self.version))
         if on_step is not None:
             on_step(records[-1])
-        return records, success
+        return records, info
 
 
 def split_weights(update: WeightUpdate) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -611,6 +612,14 @@ def episode_plan(tasks: List[str], total: int, seed: int) -> List[Tuple[str, int
     return [(tasks[i % len(tasks)], 1_000_000 * (seed + 1) + i) for i in range(total)]
 
 
+def outcome(info: Dict[str, Any]) -> Dict[str, Any]:
+    """An episode's outcome from its last info: 'success' (what the learner was told) and, when
+    a classifier gave the reward (robot_rl.rewards.hidden), how it labelled the episode and the
+    simulator's verdict."""
+    keys = ('true_success', 'label_source', 'p_success')
+    return {'success': bool(info['success']), **{k: info[k] for k in keys if k in info}}
+
+
 def run_sync(learner: Learner, actor: Actor, envs: Dict[str, Any], instructions: Dict[str, str],
              plan: List[Tuple[str, int]], progress=None) -> List[Dict[str, Any]]:
     """The published loop in one process: per episode, collect, store, update, reload weights,
@@ -619,7 +628,7 @@ def run_sync(learner: Learner, actor: Actor, envs: Dict[str, Any], instructions:
     summaries = []
     for index in range(learner.episodes, len(plan)):
         task, env_seed = plan[index]
-        records, success = actor.run_episode(envs[task], instructions[task], env_seed)
+        records, info = actor.run_episode(envs[task], instructions[task], env_seed)
         learner.ingest(StepBatch(actor.name, index, instructions[task], index, records))
         due = learner.updates_due()
         for _ in range(due):
@@ -627,7 +636,7 @@ def run_sync(learner: Learner, actor: Actor, envs: Dict[str, Any], instructions:
         if due:
             actor.load(decode_weights(learner.publish()))
             learner.save()  # every episode: an interrupted run resumes where it stopped
-        summaries.append({'episode': index, 'task': task, 'success': success,
+        summaries.append({'episode': index, 'task': task, **outcome(info),
                           'updates': learner.updates, 'wall_s': learner.wall_s})
         if progress is not None:
             recent = [s['success'] for s in summaries[-20:]]
@@ -725,9 +734,9 @@ def run_actor(actor: Actor, link, envs: Dict[str, Any], instructions: Dict[str, 
                 seq += 1
                 pending.clear()
 
-        _, success = actor.run_episode(envs[task], instructions[task], env_seed, on_step,
-                                       before_step)
-        summaries.append({'episode': index, 'task': task, 'success': success,
+        _, info = actor.run_episode(envs[task], instructions[task], env_seed, on_step,
+                                    before_step)
+        summaries.append({'episode': index, 'task': task, **outcome(info),
                           'version': actor.version, 'unacked': link.unacked})
         if progress is not None:
             recent = [s['success'] for s in summaries[-20:]]
