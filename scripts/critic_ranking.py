@@ -10,7 +10,8 @@ success rate is its value under the base policy; the critic's ranking is compare
 Prints, over the states visited: in how many the candidates' outcomes differ, the median
 Spearman correlation of Q with the outcomes there, and the gain in success of picking the
 critic's argmax (and the best candidate, an upper bound inflated by the noise of M rollouts)
-over a random candidate. Writes every state's Q and outcomes as JSON (--out).
+over a random candidate. Several critics (--critic A B ...) are judged on the same states and
+rollouts. Writes every state's Q (per critic) and outcomes as JSON (--out).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--task', default='carrot_on_plate', choices=sorted(TASKS))
     parser.add_argument('--policy', default=str(SHIPPED / 'policy.safetensors'))
-    parser.add_argument('--critic', default=str(SHIPPED / 'critic'))
+    parser.add_argument('--critic', nargs='+', default=[str(SHIPPED / 'critic')],
+                        help='one or more critic checkpoints, judged on the same rollouts')
     parser.add_argument('--episodes', type=int, default=10)
     parser.add_argument('--candidates', type=int, default=8, help='K')
     parser.add_argument('--rollouts', type=int, default=2, help='M per candidate')
@@ -69,17 +71,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    cfg = evaluate.EvalConfig(policy_path=args.policy, critic_path=args.critic,
-                              tasks=[args.task], device='cpu')
-    policy, critic, space, embed, _ = evaluate.load_models(cfg)
+    scorers = {}
+    for path in args.critic:
+        cfg = evaluate.EvalConfig(policy_path=args.policy, critic_path=path,
+                                  tasks=[args.task], device='cpu')
+        policy, critic, space, embed, _ = evaluate.load_models(cfg)
+        scorers[path] = ValueGuidedSteering(policy, critic, space, num_samples=args.candidates,
+                                            embed=embed, device='cpu')
 
-    def steering(k: int) -> ValueGuidedSteering:
-        return ValueGuidedSteering(policy, critic, space, num_samples=k, embed=embed,
-                                   device='cpu')
+    def steering(k: int) -> ValueGuidedSteering:  # the base policy: K = 1 needs no critic
+        return ValueGuidedSteering(policy, None, None, num_samples=k, device='cpu')
 
     instruction = TASKS[args.task].instruction
     env = make_env(args.task, image_size=cfg.image_size)
-    base, scorer = steering(1), steering(args.candidates)
+    base = steering(1)
     states = []
     for episode in tqdm(range(args.episodes), desc='episodes', unit='ep'):
         seed = args.seed + episode
@@ -90,7 +95,8 @@ def main() -> None:
             if t > 0 and t % args.every == 0:
                 snapshot, executor = env.snapshot(), copy.deepcopy(base.executor)
                 chunks = policy.sample_actions(obs, instruction, args.candidates)
-                q = scorer.score(obs, instruction, chunks[:, 0])
+                q = {path: scorer.score(obs, instruction, chunks[:, 0]).tolist()
+                     for path, scorer in scorers.items()}
                 outcomes = []
                 for chunk in chunks:
                     wins = 0
@@ -102,21 +108,24 @@ def main() -> None:
                         wins += (bool(info['success']) if terminated or truncated
                                  else finish(env, after, follower, instruction))
                     outcomes.append(wins / args.rollouts)
-                states.append({'seed': seed, 'step': t, 'q': q.tolist(), 'outcome': outcomes})
+                states.append({'seed': seed, 'step': t, 'q': q, 'outcome': outcomes})
                 obs = env.restore(snapshot)
             obs, _, terminated, truncated, _ = env.step(base.act(obs, instruction))
             done, t = terminated or truncated, t + 1
 
     differ = [s for s in states if np.ptp(s['outcome']) > 0]
-    rho = [spearman(s['q'], s['outcome']) for s in differ]
     summary = {
         'task': args.task, 'states': len(states), 'states_where_outcomes_differ': len(differ),
-        'spearman_median': float(np.nanmedian(rho)) if rho else None,
         'mean_outcome': float(np.mean([np.mean(s['outcome']) for s in states])),
-        'critic_pick_gain': float(np.mean([s['outcome'][int(np.argmax(s['q']))]
-                                           - np.mean(s['outcome']) for s in states])),
         'best_pick_gain': float(np.mean([max(s['outcome']) - np.mean(s['outcome'])
-                                         for s in states]))}
+                                         for s in states])),
+        'critics': {}}
+    for path in scorers:
+        rho = [spearman(s['q'][path], s['outcome']) for s in differ]
+        summary['critics'][path] = {
+            'spearman_median': float(np.nanmedian(rho)) if rho else None,
+            'critic_pick_gain': float(np.mean([s['outcome'][int(np.argmax(s['q'][path]))]
+                                               - np.mean(s['outcome']) for s in states]))}
     print(json.dumps(summary, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,21 +92,26 @@ def test_demo_runs_base_vgps_and_parl_on_the_shipped_checkpoints(tmp_path):
 def test_critic_ranking_follows_every_candidate_to_an_outcome(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / 'ranking.json'
+    shipped = repo / 'robot_rl' / 'checkpoints' / 'sim' / 'critic'
+    critics = [str(shipped), str(shipped / 'critic.safetensors')]  # target and online network
     result = subprocess.run([sys.executable, str(repo / 'scripts' / 'critic_ranking.py'),
                              '--episodes', '1', '--candidates', '3', '--rollouts', '2',
-                             '--every', '10', '--until', '20', '--out', str(out)],
+                             '--every', '10', '--until', '20', '--out', str(out),
+                             '--critic', *critics],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     states = report['states']
     assert [s['step'] for s in states] == [10, 20]  # probed where asked, the episode went on
     for state in states:
-        assert len(state['q']) == len(state['outcome']) == 3
-        assert np.all(np.isfinite(state['q']))
+        # Both critics scored the same 3 candidates, whose outcomes were rolled out once.
+        assert sorted(state['q']) == sorted(critics) and len(state['outcome']) == 3
+        assert all(len(q) == 3 and np.all(np.isfinite(q)) for q in state['q'].values())
+        assert state['q'][critics[0]] != state['q'][critics[1]]
         # Each outcome is a success rate over 2 rollouts.
         assert set(state['outcome']) <= {0.0, 0.5, 1.0}
     summary = report['summary']
-    assert summary['states'] == 2
+    assert summary['states'] == 2 and sorted(summary['critics']) == sorted(critics)
     assert summary['mean_outcome'] == np.mean([s['outcome'] for s in states])
 
 
