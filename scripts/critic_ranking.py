@@ -11,7 +11,9 @@ Prints, over the states visited: in how many the candidates' outcomes differ, th
 Spearman correlation of Q with the outcomes there, and the gain in success of picking the
 critic's argmax (and the best candidate, an upper bound inflated by the noise of M rollouts)
 over a random candidate. Several critics (--critic A B ...) are judged on the same states and
-rollouts. Writes every state's Q (per critic) and outcomes as JSON (--out).
+rollouts, each also by the mean Q of all H actions of a candidate chunk at the state (what
+the chunk as a whole asks for, not only its first action). Writes every state's Q (per critic)
+and outcomes as JSON (--out).
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ def main() -> None:
             if t > 0 and t % args.every == 0:
                 snapshot, executor = env.snapshot(), copy.deepcopy(base.executor)
                 chunks = policy.sample_actions(obs, instruction, args.candidates)
-                q = {path: scorer.score(obs, instruction, chunks[:, 0]).tolist()
-                     for path, scorer in scorers.items()}
+                # Q of every action of each chunk at this state: [0] is what V-GPS scores.
+                q_steps = {path: np.stack([scorer.score(obs, instruction, chunks[:, i])
+                                           for i in range(chunks.shape[1])], 1)
+                           for path, scorer in scorers.items()}
                 outcomes = []
                 for chunk in chunks:
                     wins = 0
@@ -108,7 +112,10 @@ def main() -> None:
                         wins += (bool(info['success']) if terminated or truncated
                                  else finish(env, after, follower, instruction))
                     outcomes.append(wins / args.rollouts)
-                states.append({'seed': seed, 'step': t, 'q': q, 'outcome': outcomes})
+                states.append({'seed': seed, 'step': t, 'outcome': outcomes,
+                               'q': {path: q[:, 0].tolist() for path, q in q_steps.items()},
+                               'q_chunk_mean': {path: q.mean(1).tolist()
+                                                for path, q in q_steps.items()}})
                 obs = env.restore(snapshot)
             obs, _, terminated, truncated, _ = env.step(base.act(obs, instruction))
             done, t = terminated or truncated, t + 1
@@ -121,11 +128,13 @@ def main() -> None:
                                          for s in states])),
         'critics': {}}
     for path in scorers:
-        rho = [spearman(s['q'][path], s['outcome']) for s in differ]
-        summary['critics'][path] = {
-            'spearman_median': float(np.nanmedian(rho)) if rho else None,
-            'critic_pick_gain': float(np.mean([s['outcome'][int(np.argmax(s['q'][path]))]
-                                               - np.mean(s['outcome']) for s in states]))}
+        summary['critics'][path] = {}
+        for key in ('q', 'q_chunk_mean'):  # scoring the first action / the whole chunk
+            rho = [spearman(s[key][path], s['outcome']) for s in differ]
+            summary['critics'][path][key] = {
+                'spearman_median': float(np.nanmedian(rho)) if rho else None,
+                'critic_pick_gain': float(np.mean([s['outcome'][int(np.argmax(s[key][path]))]
+                                                   - np.mean(s['outcome']) for s in states]))}
     print(json.dumps(summary, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

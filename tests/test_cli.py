@@ -106,8 +106,10 @@ def test_critic_ranking_follows_every_candidate_to_an_outcome(tmp_path):
     for state in states:
         # Both critics scored the same 3 candidates, whose outcomes were rolled out once.
         assert sorted(state['q']) == sorted(critics) and len(state['outcome']) == 3
-        assert all(len(q) == 3 and np.all(np.isfinite(q)) for q in state['q'].values())
+        for key in ('q', 'q_chunk_mean'):
+            assert all(len(q) == 3 and np.all(np.isfinite(q)) for q in state[key].values())
         assert state['q'][critics[0]] != state['q'][critics[1]]
+        assert state['q'] != state['q_chunk_mean']
         # Each outcome is a success rate over 2 rollouts.
         assert set(state['outcome']) <= {0.0, 0.5, 1.0}
     summary = report['summary']
