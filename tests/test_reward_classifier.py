@@ -34,6 +34,13 @@ def test_frames_label_final_frames_by_outcome_and_early_frames_negative():
                                      negatives_per_episode=3)
     assert frames.labels.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
     assert frames.episodes.tolist() == [0] * 4 + [1] * 4
+    # Negatives of a success stop short of its end; a failure's reach its last steps.
+    succeeded, failed = episode(10, True, 200), episode(10, False, 90)
+    succeeded.images[:] = np.arange(10)[:, None, None, None]
+    failed.images[:] = np.arange(10)[:, None, None, None]
+    frames = rc.frames_from_episodes([succeeded, failed], negatives_per_episode=3)
+    steps = frames.images[:, 0, 0, 0].tolist()
+    assert steps == [0, 2, 5, 9, 0, 4, 8, 9]
     demos = rc.frames_from_episodes([episode(10, False, 90)], 'final_success', 2)
     assert demos.labels.tolist() == [0, 0, 1]
     with pytest.raises(ValueError, match='labelling must be one of'):

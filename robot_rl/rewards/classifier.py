@@ -83,15 +83,17 @@ class Frames:
 def frames_from_episodes(episodes: Sequence[Episode], labelling: str = 'terminal',
                          negatives_per_episode: int = 3, margin: float = 0.4) -> Frames:
     """The final frame of each episode (label per `labelling`) and up to
-    `negatives_per_episode` evenly spaced frames from its first (1 - margin) share (label 0)."""
+    `negatives_per_episode` evenly spaced negatives (label 0): from the first (1 - margin) share
+    of an episode that succeeded at its end, from all of one that failed (it never succeeded,
+    so its late frames, the ones most like a success, are negatives too)."""
     if labelling not in LABELLINGS:
         raise ValueError(f'labelling must be one of {LABELLINGS}, got {labelling!r}')
     images, labels, instructions, index = [], [], [], []
     for i, episode in enumerate(episodes):
         n = len(episode)
-        early = max(int(n * (1.0 - margin)), 1)
-        picks = np.unique(np.linspace(0, early - 1, negatives_per_episode).astype(int))
         positive = labelling == 'final_success' or bool(episode.is_terminal[-1])
+        last = max(int(n * (1.0 - margin)), 1) if positive else n - 1
+        picks = np.unique(np.linspace(0, last - 1, negatives_per_episode).astype(int))
         for t, label in [(int(t), 0.0) for t in picks] + [(n - 1, float(positive))]:
             images.append(episode.images[t])
             labels.append(label)
