@@ -42,12 +42,34 @@ def test_an_unsure_classifier_hands_the_final_frame_to_the_simulator():
     steps = expert_episode(env)
     # The expert succeeds well before the limit, but the hidden success ends nothing.
     assert len(steps) == env.max_steps
-    assert any(info['true_success'] for *_, info in steps[:-1])
+    seen = [info['true_success'] for *_, info in steps]
+    assert any(seen[:-1]) and seen == sorted(seen)  # once seen to succeed, it stays so
     assert all(r == REWARD_STEP and not t for r, t, *_ in steps[:-1])
     reward, terminated, truncated, info = steps[-1]
     assert info['label_source'] == PERSON and info['success'] and info['true_success']
     assert reward == REWARD_SUCCESS and terminated and not truncated
     assert env.queries == 1
+
+
+def test_a_success_undone_later_still_counts_as_seen():
+    env = ClassifierRewardEnv(make_env(TASK, image_size=IMAGE), lambda frame, text: 0.5,
+                              check_every_steps=0)
+    expert = ScriptedExpert(env.env, ExpertConfig())
+    obs, _ = env.reset(seed=5)
+    expert.reset(seed=5)
+    start = env.env.snapshot()
+    info = {'true_success': False}
+    while not info['true_success']:
+        obs, _, terminated, truncated, info = env.step(expert.act(obs))
+        assert not (terminated or truncated)
+    env.env.restore(start)  # the object back where it began: the success is undone
+    hold, done = np.array([0, 0, 0, 0, 0, 0, 1], np.float32), False
+    while not done:
+        _, _, terminated, truncated, info = env.step(hold)
+        done = terminated or truncated
+        assert not env.env.is_success() and info['true_success']
+    # Asked at the end, the person (the simulator) reports what happened during the episode.
+    assert info['label_source'] == PERSON and info['success'] and terminated
 
 
 def test_confident_labels_are_the_classifiers_right_or_wrong():

@@ -8,14 +8,15 @@ person, so classifier-driven fine-tuning can be compared with ground-truth rewar
 - every `check_every_steps` steps the classifier looks at the frame; a confident success ends
   the episode as a success (label source 'classifier');
 - at the task's step limit the final frame is judged: confident -> success or failure
-  ('classifier'); unsure -> the simulator's ground truth ('person', counted as a query);
+  ('classifier'); unsure -> the simulator says whether the task succeeded at any step of the
+  episode ('person', counted as a query: a person watching would have seen it);
 - the simulator's own success never ends an episode or gives a reward.
 
 Rewards and terminals follow the sparse convention (robot_rl.types): REWARD_SUCCESS on the
 transition labelled a success (terminal), REWARD_STEP otherwise. `info` carries the label
-(`success`), how it was made (`label_source`, `p_success`) and, for evaluation only, the
-simulator's verdict on the same frame (`true_success`); the learner sees only rewards and
-terminals.
+(`success`), how it was made (`label_source`, `p_success`) and, for evaluation only, whether
+the simulator has seen the task succeed so far in the episode (`true_success`: what ground-truth
+rewards would have ended it on); the learner sees only rewards and terminals.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class ClassifierRewardEnv:
         self.confidence = float(confidence)
         self.check_every_steps = int(check_every_steps)
         self.steps = 0
+        self.succeeded = False
+        """The simulator has seen the task succeed in this episode."""
         self.queries = 0
         """Episodes the classifier left to the person (here the simulator), over the run."""
 
@@ -56,13 +59,13 @@ class ClassifierRewardEnv:
         return self.env.max_steps
 
     def reset(self, seed: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-        self.steps = 0
+        self.steps, self.succeeded = 0, False
         return self.env.reset(seed=seed)
 
     def step(self, action: np.ndarray):
         obs, _, _, _, info = self.env.step(action)  # the simulator's success stays hidden
         self.steps += 1
-        truth = bool(info['success'])
+        self.succeeded = self.succeeded or bool(info['success'])
         at_limit = self.steps >= self.env.max_steps
         looks = at_limit or (self.check_every_steps > 0
                              and self.steps % self.check_every_steps == 0)
@@ -73,9 +76,9 @@ class ClassifierRewardEnv:
             if decision == 'success' or (at_limit and decision == 'failure'):
                 label, source = decision == 'success', CLASSIFIER
             elif at_limit and decision == ASK:
-                label, source = truth, PERSON
+                label, source = self.succeeded, PERSON
                 self.queries += 1
-        info = {**info, 'success': label, 'true_success': truth, 'label_source': source,
+        info = {**info, 'success': label, 'true_success': self.succeeded, 'label_source': source,
                 'p_success': p}
         reward = REWARD_SUCCESS if label else REWARD_STEP
         return obs, reward, label, at_limit and not label, info
