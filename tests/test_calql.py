@@ -27,7 +27,7 @@ class LinearStubCritic(nn.Module):
         self.c = nn.Parameter(torch.tensor(C))
         self.config = SimpleNamespace(action_dim=A)
 
-    def encode(self, images, lang_emb):
+    def encode(self, images, lang_emb, states=None):
         return images.float().mean(dim=(1, 2, 3))[:, None] / 255
 
     def q(self, z, actions):
@@ -255,7 +255,7 @@ class RegionCritic(nn.Module):
         self.anchors = torch.stack([a_data, a_pi])
         self.config = SimpleNamespace(action_dim=a_data.shape[-1])
 
-    def encode(self, images, lang_emb):
+    def encode(self, images, lang_emb, states=None):
         return torch.zeros(images.shape[0], 1)
 
     def q(self, z, actions):
@@ -287,3 +287,29 @@ def test_calibration_keeps_policy_q_above_the_mc_return(calibrate):
         assert (q_pi >= mc - 0.15).all()  # reaches the bound, then only Adam momentum is left
     else:
         assert (q_pi < mc - 1.0).all()
+
+
+def test_a_state_critic_learns_what_the_frame_does_not_show():
+    """One frame, two gripper heights: closing low succeeds, closing 10 cm higher fails. Only
+    the state tells them apart, and the TD-learned values must (no CQL term: alpha 0)."""
+    torch.manual_seed(0)
+    critic = Critic(CriticConfig(encoder_depth=10, encoder_width=8, lang_dim=8,
+                                 hidden_dims=(32, 32), state_dim=7))
+    actor = TanhGaussianActor(critic.feature_dim, 7, hidden_dims=(32,))
+    algo = CalQL(critic, CalQLConfig(num_samples=4, alpha=0.0), actor=actor,
+                 generator=torch.Generator().manual_seed(1))
+    low = torch.tensor([0.3, 0.0, 0.02, 0.0, 0.0, 0.0, 1.0])
+    high = low + torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0])
+    states = torch.stack([low, high]).repeat(4, 1)                   # (8, 7), alternating
+    frame = torch.full((8, 16, 16, 3), 90, dtype=torch.uint8)
+    close = torch.zeros(8, 7)
+    close[:, 6] = -1.0                                                # gripper closed
+    success = torch.tensor([1.0, 0.0]).repeat(4)
+    done = torch.ones(8)  # one-step episodes: Q is the reward, 0 or -1
+    batch = CalQLBatch(frame, torch.zeros(8, 8), close, success - 1.0, frame, done,
+                       success - 1.0, states=states, next_states=states)
+    for _ in range(300):
+        algo.update(batch)
+    with torch.no_grad():
+        q = critic(frame[:2], torch.zeros(2, 8), close[:2, None], states[:2]).min(0).values[:, 0]
+    assert q[0] - q[1] > 0.5, q

@@ -131,6 +131,30 @@ def test_heads_differ():
     assert not torch.allclose(q[0], q[1])
 
 
+def test_a_state_critic_reads_the_robot_state_beside_the_image(tmp_path):
+    critic = tiny_critic(state_dim=7)
+    images, lang, actions = tiny_inputs()
+    low = torch.tensor([[0.3, 0.0, 0.02, 0.0, 0.0, 0.0, 1.0]]).expand(2, -1)
+    high = low + torch.tensor([0.0, 0.0, 0.03, 0.0, 0.0, 0.0, 0.0])  # the same, 3 cm higher
+    assert critic.feature_dim == critic.encoder.feature_dim + 7
+    assert not torch.allclose(critic(images, lang, actions, low),
+                              critic(images, lang, actions, high))
+    with pytest.raises(ValueError, match=r'reads the robot state too: states must be \(2, 7\), '
+                                         r'got None'):
+        critic.encode(images, lang)
+    with pytest.raises(ValueError, match=r'got \(2, 6\)'):
+        critic.encode(images, lang, low[:, :6])
+    image_only = tiny_critic()
+    torch.testing.assert_close(image_only(images, lang, actions, low),
+                               image_only(images, lang, actions))
+    path = tmp_path / 'critic.safetensors'
+    save_critic(path, critic, ActionSpace.bridge())
+    loaded = load_critic(path).critic
+    assert loaded.config.state_dim == 7
+    torch.testing.assert_close(loaded(images, lang, actions, low),
+                               critic(images, lang, actions, low))
+
+
 def test_config_validation_names_the_rule():
     with pytest.raises(ValueError, match='ensemble_size in 2..10'):
         CriticConfig(ensemble_size=1)
@@ -138,6 +162,10 @@ def test_config_validation_names_the_rule():
         CriticConfig(encoder_depth=50)
     with pytest.raises(ValueError, match='num_bins'):
         CriticConfig(num_bins=1)
+    with pytest.raises(ValueError, match='state_low and state_high of state_dim values'):
+        CriticConfig(state_dim=3)
+    with pytest.raises(ValueError, match='state_high > state_low'):
+        CriticConfig(state_dim=1, state_low=(1.0,), state_high=(0.5,))
 
 
 # ----------------------------------------------------------------------------- HL-Gauss

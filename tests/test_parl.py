@@ -22,7 +22,7 @@ class QuadraticCritic(nn.Module):
         super().__init__()
         self.target = target
 
-    def encode(self, images, lang):
+    def encode(self, images, lang, states=None):
         return torch.zeros(images.shape[0], 1)
 
     def q(self, z, actions):

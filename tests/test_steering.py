@@ -1,6 +1,7 @@
 """V-GPS steering: selection, execution and bad candidates (robot_rl/steering)."""
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -40,8 +41,9 @@ class KnownCritic(nn.Module):
         super().__init__()
         self.best = torch.as_tensor(best, dtype=torch.float32)
         self.encodes = 0
+        self.config = SimpleNamespace(state_dim=0)
 
-    def encode(self, images, lang):
+    def encode(self, images, lang, states=None):
         self.encodes += 1
         return torch.zeros(images.shape[0], 1)
 
@@ -128,6 +130,30 @@ def test_real_critic_scores_k_candidates_from_one_encoding():
         q = critic.q(z, torch.from_numpy(SPACE.normalise(chunks[:, 0]))[None])
     np.testing.assert_allclose(s.last.q, q.min(0).values[0].numpy(), rtol=1e-5, atol=1e-5)
     assert s.last.chosen == int(q.min(0).values[0].argmax())
+
+
+def test_a_state_critic_scores_with_the_observed_state():
+    torch.manual_seed(0)
+    critic = Critic(CriticConfig(encoder_depth=10, encoder_width=8, lang_dim=4,
+                                 hidden_dims=(16,), state_dim=7))
+    chunks = candidates(k=6)
+    s = ValueGuidedSteering(FixedCandidates(chunks), critic, SPACE, num_samples=6, embed=embed)
+    low, high = obs(), obs()
+    low[STATE_KEY][:] = [0.3, 0.0, 0.02, 0.0, 0.0, 0.0, 1.0]
+    high[STATE_KEY][:] = [0.3, 0.0, 0.05, 0.0, 0.0, 0.0, 1.0]
+    scores = []
+    for o in (low, high):
+        s.reset()
+        s.act(o, INSTRUCTION)
+        with torch.no_grad():
+            q = critic(torch.zeros(1, 32, 32, 3, dtype=torch.uint8), embed(['x']),
+                       torch.from_numpy(SPACE.normalise(chunks[:, 0]))[None],
+                       torch.from_numpy(o[STATE_KEY])[None])
+        np.testing.assert_allclose(s.last.q, q.min(0).values[0].numpy(), rtol=1e-5, atol=1e-5)
+        scores.append(s.last.q)
+    assert not np.allclose(scores[0], scores[1])
+    with pytest.raises(ValueError, match='reads the robot state too'):
+        s.act({IMAGE_KEY: low[IMAGE_KEY]}, INSTRUCTION)
 
 
 def test_bad_candidates_are_dropped_and_none_left_holds(caplog):

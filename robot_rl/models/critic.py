@@ -27,6 +27,9 @@ from robot_rl.models.resnet import ResNetEncoder, STAGE_BLOCKS
 from robot_rl.types import ACTION_DIM, ActionSpace
 
 CHECKPOINT_FORMAT = 'robot_rl.critic/1'
+STATE_BOX_LOW = (0.12, -0.25, 0.015, -0.8, -0.8, -2.0, 0.0)
+STATE_BOX_HIGH = (0.45, 0.25, 0.25, 0.8, 0.8, 2.0, 1.0)
+"""The WidowX's end-effector workspace (m, rad; as the simulator's) and gripper range."""
 
 
 @dataclasses.dataclass
@@ -43,6 +46,14 @@ class CriticConfig:
     """Language embedding size for FiLM (384 MiniLM, 512 MUSE); 0 = no language."""
     action_dim: int = ACTION_DIM
     """Action size (normalised to [-1, 1])."""
+    state_dim: int = 0
+    """Proprioceptive state fed beside the image feature (7 on the WidowX: end-effector xyz,
+    roll-pitch-yaw, gripper); 0 = the image alone, as V-GPS. A grasp that closes 2 cm too high
+    is plain in the state and a few pixels in a 64 px frame."""
+    state_low: Tuple[float, ...] = STATE_BOX_LOW
+    """State values mapped to -1 (the WidowX workspace box and gripper closed by default)."""
+    state_high: Tuple[float, ...] = STATE_BOX_HIGH
+    """State values mapped to +1."""
     ensemble_size: int = 2
     """Number of Q heads E, 2..10."""
     hidden_dims: Tuple[int, ...] = (256, 256)
@@ -62,11 +73,18 @@ class CriticConfig:
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
+        self.state_low = tuple(float(x) for x in self.state_low)
+        self.state_high = tuple(float(x) for x in self.state_high)
         checks = [
             (self.encoder_depth in STAGE_BLOCKS, f'encoder_depth in {sorted(STAGE_BLOCKS)}'),
             (self.encoder_width >= 1, 'encoder_width >= 1'),
             (self.lang_dim >= 0, 'lang_dim >= 0'),
             (self.action_dim >= 1, 'action_dim >= 1'),
+            (self.state_dim >= 0, 'state_dim >= 0'),
+            (self.state_dim == 0 or len(self.state_low) == len(self.state_high) == self.state_dim,
+             'state_low and state_high of state_dim values each'),
+            (all(h > lo for lo, h in zip(self.state_low, self.state_high)),
+             'state_high > state_low in every dimension'),
             (2 <= self.ensemble_size <= 10, 'ensemble_size in 2..10'),
             (len(self.hidden_dims) >= 1 and min(self.hidden_dims) >= 1,
              'hidden_dims: one or more positive widths'),
@@ -184,13 +202,17 @@ class Critic(nn.Module):
         self.config = config
         self.encoder = ResNetEncoder(config.encoder_depth, config.encoder_width,
                                      config.coord_channels, config.lang_dim)
-        self.head = EnsembleMLP(config.ensemble_size, self.encoder.feature_dim, config.action_dim,
+        self.head = EnsembleMLP(config.ensemble_size, self.feature_dim, config.action_dim,
                                 config.hidden_dims, max(config.num_bins, 1), config.layer_norm,
                                 config.action_every_layer)
         if self.categorical:
             edges = torch.linspace(config.value_min, config.value_max, config.num_bins + 1)
             self.register_buffer('bin_edges', edges, persistent=False)
             self.register_buffer('bin_centers', (edges[1:] + edges[:-1]) / 2, persistent=False)
+        if config.state_dim:
+            low, high = torch.tensor(config.state_low), torch.tensor(config.state_high)
+            self.register_buffer('state_mid', (high + low) / 2, persistent=False)
+            self.register_buffer('state_half', (high - low) / 2, persistent=False)
 
     @property
     def categorical(self) -> bool:
@@ -198,15 +220,28 @@ class Critic(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return self.encoder.feature_dim
+        """Size of z: the image feature, then the normalised state when the critic reads it."""
+        return self.encoder.feature_dim + self.config.state_dim
 
     @property
     def bin_width(self) -> float:
         return (self.config.value_max - self.config.value_min) / self.config.num_bins
 
-    def encode(self, images: torch.Tensor, lang_emb: Optional[torch.Tensor]) -> torch.Tensor:
-        """Encode images (B, H, W, 3) uint8 (or float in [0, 1]), lang_emb (B, D) -> z (B, F)."""
-        return self.encoder(images, lang_emb)
+    def encode(self, images: torch.Tensor, lang_emb: Optional[torch.Tensor],
+               states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encode images (B, H, W, 3) uint8 (or float in [0, 1]), lang_emb (B, D) and, for a
+        critic with state_dim > 0, states (B, S) in the robot's units -> z (B, F)."""
+        z = self.encoder(images, lang_emb)
+        if not self.config.state_dim:
+            return z
+        expected = (z.shape[0], self.config.state_dim)
+        if states is None or tuple(states.shape) != expected:
+            got = None if states is None else tuple(states.shape)
+            raise ValueError(f'this critic reads the robot state too: states must be {expected}, '
+                             f'got {got}')
+        # Clipped so a state outside the box cannot push the heads far off their training range.
+        state = ((states.to(z.dtype) - self.state_mid) / self.state_half).clamp(-1.5, 1.5)
+        return torch.cat([z, state], dim=-1)
 
     def q_logits(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Head outputs: z (B, F), actions (B, K, A) -> (E, B, K, bins) logits or (E, B, K, 1)."""
@@ -222,9 +257,9 @@ class Critic(nn.Module):
         return out.squeeze(-1)
 
     def forward(self, images: torch.Tensor, lang_emb: Optional[torch.Tensor],
-                actions: torch.Tensor) -> torch.Tensor:
+                actions: torch.Tensor, states: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Convenience: encode then q. -> (E, B, K)."""
-        return self.q(self.encode(images, lang_emb), actions)
+        return self.q(self.encode(images, lang_emb, states), actions)
 
     def td_loss(self, z: torch.Tensor, actions: torch.Tensor,
                 target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

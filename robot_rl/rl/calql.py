@@ -85,7 +85,7 @@ class CalQLBatch(NamedTuple):
     next_images: torch.Tensor  # (B, H, W, 3) uint8
     dones: torch.Tensor        # (B,) 1 on termination only (a time-limit truncation is 0)
     mc_returns: torch.Tensor   # (B,) Monte-Carlo return of the data transition
-    states: Optional[torch.Tensor] = None       # (B, S), for samplers that want them
+    states: Optional[torch.Tensor] = None       # (B, S): for state critics and samplers
     next_states: Optional[torch.Tensor] = None  # (B, S)
 
 
@@ -159,7 +159,7 @@ def td_target(target_critic: Critic, batch: CalQLBatch, next_actions: torch.Tens
     """
     if not cfg.max_target_backup:
         next_actions = next_actions[:, :1]
-    z_next = target_critic.encode(batch.next_images, batch.lang_emb)
+    z_next = target_critic.encode(batch.next_images, batch.lang_emb, batch.next_states)
     q_next = min_over_heads(target_critic.q(z_next, next_actions), cfg.target_heads, generator)
     q_next = q_next.max(dim=-1).values  # max-target backup: the best of the n samples
     y = batch.rewards.float() + cfg.gamma * (1.0 - batch.dones.float()) * q_next
@@ -204,9 +204,9 @@ def critic_loss(critic: Critic, target_critic: Critic, batch: CalQLBatch,
     The n next-state policy samples serve both the max-target backup and the CQL term (both are
     i.i.d. draws from pi(. | s')), which halves the policy calls for expensive samplers.
     """
-    z = critic.encode(batch.images, batch.lang_emb)
+    z = critic.encode(batch.images, batch.lang_emb, batch.states)
     with torch.no_grad():
-        z_next = critic.encode(batch.next_images, batch.lang_emb)
+        z_next = critic.encode(batch.next_images, batch.lang_emb, batch.next_states)
         obs = PolicyInput(z.detach(), batch.images, batch.lang_emb, batch.states)
         next_obs = PolicyInput(z_next, batch.next_images, batch.lang_emb, batch.next_states)
         n = cfg.num_samples

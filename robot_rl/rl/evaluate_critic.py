@@ -48,12 +48,13 @@ class Scores(NamedTuple):
 
 
 def _chunks(episodes: Sequence[Episode], size: int) -> Iterator[Dict[str, Any]]:
-    """Transitions of all episodes in order, `size` at a time: images, actions, mc_returns,
-    instructions (list of str) and success (bool) per row."""
+    """Transitions of all episodes in order, `size` at a time: images, states, actions,
+    mc_returns, instructions (list of str) and success (bool) per row."""
     rows: List[Dict[str, Any]] = []
     for episode in episodes:
         t = episode.num_transitions
-        rows.append({'images': episode.images[:t], 'actions': episode.actions[:t],
+        rows.append({'images': episode.images[:t], 'states': episode.states[:t],
+                     'actions': episode.actions[:t],
                      'mc_returns': episode.mc_returns[:t],
                      'instructions': [episode.language_instruction] * t,
                      'success': np.full(t, episode.success)})
@@ -84,7 +85,7 @@ def _score(critic: Critic, actor: TanhGaussianActor, episodes: Sequence[Episode]
     for chunk in _chunks(episodes, batch_size):
         images = torch.from_numpy(chunk['images']).to(device)
         lang = embed(list(chunk['instructions']))
-        z = critic.encode(images, lang)
+        z = critic.encode(images, lang, torch.from_numpy(chunk['states']).to(device))
         actions = torch.from_numpy(chunk['actions']).to(device)[:, None]
         q_data = critic.q(z, actions).min(dim=0).values[:, 0]
         sampled, _ = actor.sample(z, num_samples)

@@ -387,7 +387,8 @@ class Learner:
         rl = len(cbatch.images) - cloned
         targets = parl.distillation_batch(self.acting, self.calql.critic, cbatch.images[:rl],
                                           cbatch.lang_emb[:rl], cbatch.actions[:rl],
-                                          self.models.units, self.cfg.parl, self.generator)
+                                          self.models.units, self.cfg.parl, self.generator,
+                                          states=cbatch.states[:rl])
         if cloned:
             targets = concat_batches(targets, to_policy_batch(
                 self.successes.sample(cloned, self.rng), self.policy))
@@ -545,9 +546,11 @@ class Actor:
         images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
         if instruction not in self._embeddings:
             self._embeddings[instruction] = self.policy.embed([instruction])
+        state = torch.as_tensor(np.asarray(obs[STATE_KEY], np.float32),
+                                device=self.device).reshape(1, -1)
         choice = parl.optimised_actions(self.policy, self.critic, images,
                                         self._embeddings[instruction], self.models.units,
-                                        self.cfg, generator=self.generator)
+                                        self.cfg, generator=self.generator, states=state)
         self.last = StepInfo(self.cfg.num_samples, 0, choice.value.float().cpu().numpy())
         chunk = self.policy.action_space.unnormalise(choice.chunk[0].float().cpu().numpy())
         return self.executor(chunk.astype(np.float32))

@@ -167,14 +167,16 @@ class Choice(NamedTuple):
 def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
                       lang_emb: torch.Tensor, units: UnitMap, cfg: PARLConfig,
                       data_actions: Optional[torch.Tensor] = None,
-                      generator: Optional[torch.Generator] = None) -> Choice:
+                      generator: Optional[torch.Generator] = None,
+                      states: Optional[torch.Tensor] = None) -> Choice:
     """Steps 1-3 from observations: the optimised policy's choice for each observation.
 
     What the actor executes online (the chunk) and what distillation imitates (the action).
     data_actions (B, A), critic units, replace the worst candidate (distillation only).
+    states (B, S): the robot state, for a critic that reads it.
     """
     with torch.no_grad():
-        z = critic.encode(images, lang_emb)
+        z = critic.encode(images, lang_emb, states)
     chunks = sample_chunks(policy, images, lang_emb, cfg.num_samples)
     with torch.enable_grad():
         optimised = optimise_actions(critic, z, units.to_critic(chunks[:, :, 0]), cfg,
@@ -205,8 +207,8 @@ def executed_gripper(chunk: torch.Tensor, space: ActionSpace) -> torch.Tensor:
 
 def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
                        lang_emb: torch.Tensor, data_actions: torch.Tensor, units: UnitMap,
-                       cfg: PARLConfig, generator: Optional[torch.Generator] = None
-                       ) -> PolicyBatch:
+                       cfg: PARLConfig, generator: Optional[torch.Generator] = None,
+                       states: Optional[torch.Tensor] = None) -> PolicyBatch:
     """Step 4's targets: the chosen chunk, its first action optimised.
 
     The whole sampled chunk is the target, so the policy keeps seeing chunks of its own kind
@@ -215,7 +217,7 @@ def distillation_batch(policy: ChunkPolicy, critic: Critic, images: torch.Tensor
     critic's units (a replay batch's actions).
     """
     choice = optimised_actions(policy, critic, images, lang_emb, units, cfg, data_actions,
-                               generator)
+                               generator, states)
     mask = torch.ones(choice.chunk.shape[:2], device=images.device)
     mask[choice.from_data, 1:] = 0.0
     chunk = (executed_gripper(choice.chunk, policy.action_space) if cfg.binary_gripper

@@ -23,7 +23,8 @@ import torch
 
 from robot_rl.models.critic import Critic
 from robot_rl.steering.execution import ChunkExecutor
-from robot_rl.types import ACTION_DIM, ActionSpace, fit_image, IMAGE_KEY, Observation
+from robot_rl.types import (ACTION_DIM, ActionSpace, fit_image, IMAGE_KEY, Observation,
+                            STATE_KEY)
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,12 @@ class ValueGuidedSteering:
         images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
         lang = self.embed([instruction])
         normalised = np.clip(self.critic_space.normalise(actions), -1.0, 1.0)
+        states = None  # a state critic names a missing or misshapen state in encode
+        if self.critic.config.state_dim and obs.get(STATE_KEY) is not None:
+            states = torch.as_tensor(np.asarray(obs[STATE_KEY], np.float32).reshape(1, -1),
+                                     device=self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == 'cuda'):
-            z = self.critic.encode(images, lang)
+            z = self.critic.encode(images, lang, states)
             q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[None])  # (E, 1, K)
         return q.float().min(dim=0).values[0].cpu().numpy()
 
