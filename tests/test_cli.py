@@ -129,3 +129,28 @@ def test_spearman_of_the_ranking_script_matches_the_definition():
     # Ties share their mean rank: ranks (1, 2, 3) against (1.5, 1.5, 3) -> sqrt(3) / 2.
     assert abs(module.spearman([1, 2, 3], [0.0, 0.0, 1.0]) - np.sqrt(3) / 2) < 1e-12
     assert np.isnan(module.spearman([1, 2, 3], [0.5, 0.5, 0.5]))
+
+
+def test_failure_anatomy_classifies_each_episode_from_the_simulator(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    script = str(repo / 'scripts' / 'failure_anatomy.py')
+    out = tmp_path / 'anatomy.json'
+    critic = repo / 'robot_rl' / 'checkpoints' / 'sim' / 'critic'
+    result = subprocess.run([sys.executable, script, '--episodes', '3', '--k', '3',
+                             '--critic', str(critic), '--out', str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    episodes, summary = report['episodes'], report['summary']
+    assert [e['seed'] for e in episodes] == [10000, 10001, 10002]
+    for e in episodes:
+        assert e['kind'] in ('success', 'never_lifted', 'lifted_not_placed')
+        if e['kind'] != 'success':  # a failure is told apart by how high the carrot rose
+            assert (e['lift_cm'] > 2) == (e['kind'] == 'lifted_not_placed'), e
+        if e['closes']:
+            assert len(e['first_close_offset_cm']) == 3
+            assert all(np.isfinite(e['first_close_offset_cm']))
+    assert sum(summary['kinds'].values()) == 3 and summary['k'] == 3
+    refused = subprocess.run([sys.executable, script, '--k', '3'], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and '--critic' in refused.stderr
