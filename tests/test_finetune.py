@@ -201,8 +201,8 @@ def test_a_lagging_acting_policy_samples_acts_and_follows_the_distilled_one(
     assert learner.acting is not learner.policy
     sampled_from = []
     real_batch = ft.parl.distillation_batch
-    monkeypatch.setattr(ft.parl, 'distillation_batch', lambda policy, *args: (
-        sampled_from.append(policy), real_batch(policy, *args))[1])
+    monkeypatch.setattr(ft.parl, 'distillation_batch', lambda policy, *args, **kwargs: (
+        sampled_from.append(policy), real_batch(policy, *args, **kwargs))[1])
     learner.ingest(attempt(0, success=True))
     acting_before = {k: v.clone() for k, v in learner.acting.state_dict().items()}
     learner.update()
