@@ -25,7 +25,7 @@ from policies.base import POLICIES
 from policies.common import load_policy, save_policy
 from robot_rl.envs import make_env, TASKS
 from robot_rl.models.checkpoint import read_checkpoint
-from robot_rl.models.critic import Critic, CriticConfig, save_critic
+from robot_rl.models.critic import Critic, CriticConfig, load_critic, save_critic
 from robot_rl.rl import finetune as ft
 from robot_rl.rl.calql import CalQLConfig
 from robot_rl.rl.parl import PARLConfig
@@ -44,14 +44,16 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
-def pretrained(directory: Path, name: str = 'diffusion') -> ft.LearnerConfig:
-    """A random `name` policy and critic saved as robot-rl-train-bc / -critic would."""
+def pretrained(directory: Path, name: str = 'diffusion', state_dim: int = 0) -> ft.LearnerConfig:
+    """A random `name` policy and critic (reading the robot state when state_dim > 0) saved
+    as robot-rl-train-bc / -critic would."""
     directory.mkdir(parents=True, exist_ok=True)
     policy = POLICIES[name](horizon=2, encoder=dict(depth=10, width=8, image_size=IMAGE),
                             **HEADS[name])
     save_policy(directory / 'policy.safetensors', policy)
     torch.manual_seed(0)
-    critic = Critic(CriticConfig(encoder_depth=10, encoder_width=8, hidden_dims=(32, 32)))
+    critic = Critic(CriticConfig(encoder_depth=10, encoder_width=8, hidden_dims=(32, 32),
+                                 state_dim=state_dim))
     save_critic(directory / 'critic.safetensors', critic, ActionSpace.bridge())
     return ft.LearnerConfig(
         policy_path=str(directory / 'policy.safetensors'),
@@ -88,6 +90,20 @@ def test_the_loop_finetunes_every_policy_class(tmp_path, name):
     assert [c['success'] for c in curve] == [s['success'] for s in summaries]
     # Actions are stored in the critic's units: inside [-1, 1].
     assert all(np.abs(e.actions).max() <= 1.0 for e in learner.online.episodes())
+
+
+def test_the_loop_runs_with_a_critic_that_reads_the_robot_state(tmp_path):
+    cfg = pretrained(tmp_path / 'pretrained', state_dim=7)
+    learner = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    actor = ft.Actor(ft.Models(cfg, torch.device('cpu'), 0), cfg.parl)
+    env = make_env(TASK, image_size=IMAGE)
+    ft.run_sync(learner, actor, {TASK: env}, {TASK: TASKS[TASK].instruction},
+                ft.episode_plan([TASK], 3, seed=0))
+    assert learner.updates > 0 and actor.version == learner.version
+    saved = load_critic(tmp_path / 'run' / 'checkpoints' / 'last' / 'critic.safetensors')
+    assert saved.critic.config.state_dim == 7
+    initial = load_critic(cfg.critic_path).critic.state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in saved.critic.state_dict().items())
 
 
 def test_a_restarted_learner_resumes_its_replay_and_checkpoint(tmp_path):
