@@ -84,6 +84,25 @@ def test_picks_the_argmax_of_a_known_critic_with_one_encoding():
         assert s.last.q.shape == (len(chunks),) and np.argmax(s.last.q) == best_index
 
 
+def test_chunk_scoring_ranks_whole_chunks_from_one_encoding():
+    chunks = candidates(k=4)
+    target = chunks[0, 0].copy()
+    chunks[1] = [target + 0.002, target + 0.002]   # near the target all along
+    chunks[0, 1] = SPACE.low                       # the target first, then far from it
+    first = steering(chunks, 0)
+    first.act(obs(), INSTRUCTION)
+    assert first.last.chosen == 0
+    whole = steering(chunks, 0, scoring='chunk')
+    whole.act(obs(), INSTRUCTION)
+    assert whole.last.chosen == 1 and whole.critic.encodes == 1
+    best = torch.from_numpy(SPACE.normalise(target))
+    scored = torch.from_numpy(np.clip(SPACE.normalise(chunks), -1.0, 1.0))  # as steering does
+    q = -((scored - best) ** 2).sum(-1)  # (K, H), the first (lower) head
+    np.testing.assert_allclose(whole.last.q, q.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='scoring must be one of'):
+        steering(chunks, 0, scoring='last_action')
+
+
 def test_temperature_zero_is_deterministic_and_softmax_prefers_high_q():
     chunks = candidates(k=8)
     picks = {steering(chunks, 5, seed=seed).act(obs(), INSTRUCTION).tobytes()

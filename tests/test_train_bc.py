@@ -154,7 +154,7 @@ def test_eval_runs_every_arm_on_the_same_episodes(bc_run, tmp_path):
         [str(BIN / 'robot-rl-eval'), f'policy_path={policy_path}',
          f'critic_path={critic_path}', 'tasks=[carrot_on_plate]', 'episodes_per_task=2',
          'num_samples=[3]', 'random_num_samples=3', 'device=cpu', f'output_dir={out}',
-         'video_size=96'],
+         'video_size=96', 'scoring=chunk'],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((out / 'results.json').read_text())
@@ -166,6 +166,13 @@ def test_eval_runs_every_arm_on_the_same_episodes(bc_run, tmp_path):
         assert Path(arm['video']).stat().st_size > 1000
     assert (out / 'success_vs_k.png').stat().st_size > 1000
     assert '| vgps K=3 |' in result.stdout
+
+
+def test_eval_config_names_an_unknown_scoring():
+    from robot_rl.cli.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match=r"scoring in \('first_action', 'chunk'\)"):
+        EvalConfig(policy_path='policy.safetensors', scoring='last_action').validate()
 
 
 def test_wilson_interval_by_hand():

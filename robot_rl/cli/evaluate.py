@@ -50,6 +50,9 @@ class EvalConfig:
     """K of the random re-ranking control arm; null: no such arm."""
     temperature: float = 0.0
     """0: execute the argmax; > 0: sample softmax(Q / temperature)."""
+    scoring: str = 'first_action'
+    """What the critic scores: each chunk's first action (V-GPS) or the whole chunk ('chunk':
+    the mean Q of its actions at the frame)."""
     image_size: int = 64
     """Camera resolution: the size the policy and critic were trained at."""
     seed: int = 0
@@ -61,6 +64,7 @@ class EvalConfig:
     output_dir: str = 'outputs/eval'
 
     def validate(self) -> 'EvalConfig':
+        from robot_rl.steering.vgps import SCORINGS
         check_tasks(self.tasks)
         problems = [text for ok, text in (
             (self.episodes_per_task >= 1, 'episodes_per_task >= 1'),
@@ -68,6 +72,7 @@ class EvalConfig:
             (self.random_num_samples is None or self.random_num_samples >= 1,
              'random_num_samples >= 1 or null'),
             (self.temperature >= 0, 'temperature >= 0'),
+            (self.scoring in SCORINGS, f'scoring in {SCORINGS}'),
             (self.critic_path is not None or not self.num_samples,
              'a critic for the steered arms (or num_samples=[])')) if not ok]
         if problems:
@@ -229,7 +234,8 @@ def run(cfg: EvalConfig) -> Dict[str, Dict]:
         for name, k, selection in arms(cfg):
             steering = ValueGuidedSteering(policy, critic, critic_space, num_samples=k,
                                            temperature=cfg.temperature, selection=selection,
-                                           embed=embed, seed=cfg.seed, device=str(device))
+                                           embed=embed, seed=cfg.seed, device=str(device),
+                                           scoring=cfg.scoring)
             arm = run_arm(cfg, steering, name, progress)
             frames = arm.pop('frames')
             if frames:

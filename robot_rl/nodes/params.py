@@ -59,6 +59,9 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
           read_only=True),
         P('steering.temperature', 0.0, 'Selection temperature: 0 = argmax of Q, > 0 = sample '
           'softmax(Q / temperature).', 0.0, 100.0),
+        P('steering.scoring', 'first_action', "What the critic scores: 'first_action' of each "
+          "chunk (V-GPS) or the whole 'chunk' (mean Q of its actions at the frame).",
+          read_only=True),
         P('actor_id', '', 'Name of this actor in transition batches (empty = node name + '
           'process id).', read_only=True),
         P('transitions.enabled', True, 'Publish transitions for the learner.'),

@@ -376,7 +376,8 @@ class PolicyNode(Node):
         self.get_logger().info(f'V-GPS steering: K={k}, critic {file}')
         return ValueGuidedSteering(self.policy, loaded.critic, loaded.action_space,
                                    num_samples=k, temperature=self.p['steering.temperature'],
-                                   embed=embed, bounds=self.space, device=str(device))
+                                   embed=embed, bounds=self.space, device=str(device),
+                                   scoring=self.p['steering.scoring'])
 
 
 def main(args=None):

@@ -3,8 +3,9 @@
 Every control step:
 1. ask the policy once for K action chunks (it encodes the observation once);
 2. drop candidates that are malformed or non-finite (warning); none left -> hold, log an error;
-3. encode the latest frame with the critic ONCE and score the first action of every chunk,
-   min over the ensemble heads;
+3. encode the latest frame with the critic ONCE and score the first action of every chunk
+   (V-GPS), or every action of every chunk averaged over the chunk ('chunk': all of a chunk
+   reaches the robot through the ensembler), min over the ensemble heads;
 4. select: argmax (temperature 0), a sample of softmax(Q / temperature), or uniformly at
    random (the 'random' re-ranking control, same K and sampling, no critic);
 5. execute through the temporal ensembler and the sticky gripper, clipped to the robot's limits.
@@ -29,6 +30,7 @@ from robot_rl.types import (ACTION_DIM, ActionSpace, fit_image, IMAGE_KEY, Obser
 logger = logging.getLogger(__name__)
 
 SELECTIONS = ('value', 'random')
+SCORINGS = ('first_action', 'chunk')
 
 
 @dataclasses.dataclass
@@ -51,13 +53,15 @@ class ValueGuidedSteering:
                  critic_action_space: Optional[ActionSpace], num_samples: int = 10,
                  temperature: float = 0.0, selection: str = 'value', embed=None,
                  image_size: Optional[int] = None, bounds: Optional[ActionSpace] = None,
-                 seed: int = 0, device: str = 'cpu'):
+                 seed: int = 0, device: str = 'cpu', scoring: str = 'first_action'):
         if num_samples < 1:
             raise ValueError(f'num_samples must be >= 1, got {num_samples}')
         if temperature < 0:
             raise ValueError(f'temperature must be >= 0, got {temperature}')
         if selection not in SELECTIONS:
             raise ValueError(f'selection must be one of {SELECTIONS}, got {selection!r}')
+        if scoring not in SCORINGS:
+            raise ValueError(f'scoring must be one of {SCORINGS}, got {scoring!r}')
         if selection == 'value' and num_samples > 1 and (critic is None or embed is None
                                                          or critic_action_space is None):
             raise ValueError("selection 'value' with num_samples > 1 needs a critic, its "
@@ -68,6 +72,7 @@ class ValueGuidedSteering:
         self.num_samples = num_samples
         self.temperature = temperature
         self.selection = selection
+        self.scoring = scoring
         self.embed = embed
         self.image_size = image_size
         self.device = torch.device(device)
@@ -94,7 +99,8 @@ class ValueGuidedSteering:
         if self.selection == 'random' or len(chunks) == 1:
             chosen = int(self.rng.integers(len(chunks)))
         else:
-            q = self.score(obs, instruction, chunks[:, 0])
+            q = self.score(obs, instruction,
+                           chunks[:, 0] if self.scoring == 'first_action' else chunks)
             chosen = self.select(q)
         self.last = StepInfo(len(chunks), chosen, q)
         return self.executor(chunks[chosen])
@@ -119,7 +125,10 @@ class ValueGuidedSteering:
 
     @torch.no_grad()
     def score(self, obs: Observation, instruction: str, actions: np.ndarray) -> np.ndarray:
-        """Q (K,) of K first actions (K, 7): one image encoding, min over the heads."""
+        """Q (K,) of K actions (K, 7), or of K chunks (K, H, 7) as the mean over each chunk of
+        its actions' Q at this frame: one image encoding, min over the heads."""
+        k = len(actions)
+        actions = np.asarray(actions, np.float32).reshape(-1, ACTION_DIM)
         image = obs[IMAGE_KEY]
         if self.image_size is not None:
             image = fit_image(image, (self.image_size, self.image_size), what='the critic')
@@ -132,8 +141,8 @@ class ValueGuidedSteering:
                                      device=self.device)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == 'cuda'):
             z = self.critic.encode(images, lang, states)
-            q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[None])  # (E, 1, K)
-        return q.float().min(dim=0).values[0].cpu().numpy()
+            q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[None])  # (E, 1, K*H)
+        return q.float().min(dim=0).values[0].cpu().numpy().reshape(k, -1).mean(axis=1)
 
     def select(self, q: np.ndarray) -> int:
         """argmax at temperature 0, else a draw from softmax(Q / temperature)."""
