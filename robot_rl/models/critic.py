@@ -49,7 +49,8 @@ class CriticConfig:
     state_dim: int = 0
     """Proprioceptive state fed beside the image feature (7 on the WidowX: end-effector xyz,
     roll-pitch-yaw, gripper); 0 = the image alone, as V-GPS. A grasp that closes 2 cm too high
-    is plain in the state and a few pixels in a 64 px frame."""
+    is plain in the state and a few pixels in a 64 px frame. States are in the robot's own
+    frame, so train a state critic on one robot's data, not a cross-embodiment mix."""
     state_low: Tuple[float, ...] = STATE_BOX_LOW
     """State values mapped to -1 (the WidowX workspace box and gripper closed by default)."""
     state_high: Tuple[float, ...] = STATE_BOX_HIGH
