@@ -2,10 +2,12 @@
 
     python benchmarks/bench_steering.py                          # 128 px, CPU, 1 thread
     python benchmarks/bench_steering.py --critics tiny 18 --ks 1 10 50 100
+    python benchmarks/bench_steering.py --critics tiny --state --scoring chunk
 
 One control step = `ValueGuidedSteering.act` (sample K chunks from the diffusion policy, score
-the first actions, select, ensemble) on a 128x128 frame. Measured: the base policy alone (K = 1,
-no critic), steering at each K with the critic's image encoding shared by all candidates, and
+the first actions or, with --scoring chunk, all of them, select, ensemble) on a 128x128 frame.
+Measured: the base policy alone (K = 1, no critic), steering at each K with the critic's image
+encoding shared by all candidates, and
 with the image re-encoded once per candidate (what a critic without the encode/q split costs);
 plus the critic's scoring alone (encode once + q over K). Prints medians and ratios to the base.
 """
@@ -37,11 +39,16 @@ class ReEncodingSteering(ValueGuidedSteering):
     @torch.no_grad()
     def score(self, obs, instruction, actions):
         k = len(actions)
-        images = torch.from_numpy(obs[IMAGE_KEY]).to(self.device)[None].expand(k, -1, -1, -1)
-        z = self.critic.encode(images, self.embed([instruction]).expand(k, -1))
+        actions = np.asarray(actions, np.float32).reshape(-1, 7)  # chunks: every action
+        n = len(actions)
+        images = torch.from_numpy(obs[IMAGE_KEY]).to(self.device)[None].expand(n, -1, -1, -1)
+        states = None
+        if self.critic.config.state_dim:
+            states = torch.from_numpy(obs[STATE_KEY]).to(self.device)[None].expand(n, -1)
+        z = self.critic.encode(images, self.embed([instruction]).expand(n, -1), states)
         normalised = np.clip(self.critic_space.normalise(actions), -1.0, 1.0)
-        q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[:, None])  # (E, K, 1)
-        return q.min(dim=0).values[:, 0].cpu().numpy()
+        q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[:, None])  # (E, n, 1)
+        return q.min(dim=0).values[:, 0].cpu().numpy().reshape(k, -1).mean(axis=1)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -61,6 +68,8 @@ def main() -> None:
     p.add_argument('--ks', type=int, nargs='+', default=[1, 10, 50, 100])
     p.add_argument('--repeats', type=int, default=20)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--state', action='store_true', help='critics that read the robot state')
+    p.add_argument('--scoring', default='first_action', choices=['first_action', 'chunk'])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     space = ActionSpace.bridge()
@@ -76,16 +85,19 @@ def main() -> None:
     base_ms = median_ms(lambda: base.act(obs, INSTRUCTION), args.repeats)
     print(f'base policy alone: {base_ms:.1f} ms per step')
     for name in args.critics:
-        critic = Critic(CriticConfig(**CRITICS[name])).eval()
+        critic = Critic(CriticConfig(**CRITICS[name], state_dim=7 if args.state else 0)).eval()
         print(f'\ncritic {name} ({sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M '
               'params): median ms per step (ratio to the base policy)')
         print('| K | steering, shared encoding | steering, re-encode per candidate | '
               'scoring alone |')
         print('|---|---|---|---|')
         for k in args.ks:
-            shared = ValueGuidedSteering(policy, critic, space, num_samples=k, embed=embed)
-            again = ReEncodingSteering(policy, critic, space, num_samples=k, embed=embed)
-            actions = policy.sample_actions(obs, INSTRUCTION, k)[:, 0]
+            shared = ValueGuidedSteering(policy, critic, space, num_samples=k, embed=embed,
+                                         scoring=args.scoring)
+            again = ReEncodingSteering(policy, critic, space, num_samples=k, embed=embed,
+                                       scoring=args.scoring)
+            chunks = policy.sample_actions(obs, INSTRUCTION, k)
+            actions = chunks[:, 0] if args.scoring == 'first_action' else chunks
             shared_ms = median_ms(lambda: shared.act(obs, INSTRUCTION), args.repeats)
             again_ms = median_ms(lambda: again.act(obs, INSTRUCTION), max(3, args.repeats // 4))
             score_ms = median_ms(lambda: shared.score(obs, INSTRUCTION, actions), args.repeats)
