@@ -7,9 +7,9 @@
 One control step = `ValueGuidedSteering.act` (sample K chunks from the diffusion policy, score
 the first actions or, with --scoring chunk, all of them, select, ensemble) on a 128x128 frame.
 Measured: the base policy alone (K = 1, no critic), steering at each K with the critic's image
-encoding shared by all candidates, and
-with the image re-encoded once per candidate (what a critic without the encode/q split costs);
-plus the critic's scoring alone (encode once + q over K). Prints medians and ratios to the base.
+encoding shared by all candidates, and with the image re-encoded once per scored action (what a
+critic without the encode/q split costs); plus the critic's scoring alone (encode once + q over
+the K candidates). Prints medians and ratios to the base.
 """
 
 import argparse
@@ -25,7 +25,7 @@ import torch
 from policies.diffusion import DiffusionPolicy
 from robot_rl.models.critic import Critic, CriticConfig
 from robot_rl.steering import ValueGuidedSteering
-from robot_rl.types import ActionSpace, IMAGE_KEY, STATE_KEY
+from robot_rl.types import ACTION_DIM, ActionSpace, IMAGE_KEY, STATE_KEY
 
 INSTRUCTION = 'put the spoon on the towel'
 CRITICS = {'tiny': dict(encoder_depth=10, encoder_width=16, hidden_dims=(128, 128)),
@@ -39,7 +39,7 @@ class ReEncodingSteering(ValueGuidedSteering):
     @torch.no_grad()
     def score(self, obs, instruction, actions):
         k = len(actions)
-        actions = np.asarray(actions, np.float32).reshape(-1, 7)  # chunks: every action
+        actions = np.asarray(actions, np.float32).reshape(-1, ACTION_DIM)  # chunks: all
         n = len(actions)
         images = torch.from_numpy(obs[IMAGE_KEY]).to(self.device)[None].expand(n, -1, -1, -1)
         states = None

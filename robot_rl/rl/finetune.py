@@ -546,8 +546,10 @@ class Actor:
         images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
         if instruction not in self._embeddings:
             self._embeddings[instruction] = self.policy.embed([instruction])
-        state = torch.as_tensor(np.asarray(obs[STATE_KEY], np.float32),
-                                device=self.device).reshape(1, -1)
+        state = None  # only a critic that reads the robot state needs it
+        if self.critic.config.state_dim:
+            state = torch.as_tensor(np.asarray(obs[STATE_KEY], np.float32),
+                                    device=self.device).reshape(1, -1)
         choice = parl.optimised_actions(self.policy, self.critic, images,
                                         self._embeddings[instruction], self.models.units,
                                         self.cfg, generator=self.generator, states=state)
