@@ -163,6 +163,8 @@ def test_recorder_outputs_read_back(graph):
     from robot_rl.data.rlds import iter_episodes
     episodes = list(iter_episodes(graph.tmp / 'rec' / 'rlds' / 'robot_rl_episodes' / '1.0.0'))
     assert episodes and all(len(e) == EPISODE_STEPS + 1 for e in episodes)
+    ids = [(e.metadata['actor'], e.metadata['episode']) for e in episodes]
+    assert len(set(ids)) == len(ids)  # the shutdown flush never writes an episode twice
     from rosbags.highlevel import AnyReader
     with AnyReader([graph.tmp / 'rec' / 'bag']) as reader:
         topics = {c.topic: c.msgcount for c in reader.connections}

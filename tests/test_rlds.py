@@ -5,6 +5,7 @@ from pathlib import Path
 import shutil
 import subprocess
 import sys
+import threading
 
 import cv2
 import numpy as np
@@ -427,6 +428,27 @@ def test_append_reuses_the_name_of_a_shard_orphaned_by_a_crash(tmp_path):
     rlds.append_episodes(episodes[1:], tmp_path, name='rec', image_format='png')
     for got, want in zip(rlds.iter_episodes(directory), episodes, strict=True):
         assert_same_episode(got, want)
+
+
+def test_concurrent_appends_take_turns_and_lose_nothing(tmp_path):
+    # A recorder's flush timer and its shutdown flush can append at the same moment.
+    episodes = make_splits(seed=10, smooth=False)['train'][:4]
+    start = threading.Barrier(len(episodes))
+
+    def append(episode):
+        start.wait()
+        rlds.append_episodes([episode], tmp_path, name='rec', image_format='png')
+
+    for _ in range(3):
+        threads = [threading.Thread(target=append, args=(e,)) for e in episodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    directory = tmp_path / 'rec' / rlds.DEFAULT_VERSION
+    assert rlds.check_dataset(directory).info.splits['train'].shard_lengths == [1] * 12
+    got = sorted(e.actions.tobytes() for e in rlds.iter_episodes(directory))
+    assert got == sorted(e.actions.astype(np.float32).tobytes() for e in episodes * 3)
 
 
 def test_append_refuses_a_dataset_with_counted_shard_names(tmp_path):

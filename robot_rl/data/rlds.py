@@ -23,6 +23,7 @@ is returned. Directories are local paths. TensorFlow is imported lazily (bridge_
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -143,11 +144,24 @@ def append_episodes(episodes: Iterable[Episode], data_dir: PathLike, *,
     (atomically); a crash in between leaves the dataset as it was (the next call reuses the
     orphan shard's name). Episodes must match the dataset's features (image shape and format,
     mc_returns or not): ValueError naming the difference. A dataset written by write_dataset
-    (`-of-<n>` shard names) is refused rather than renamed.
+    (`-of-<n>` shard names) is refused rather than renamed. Concurrent appends to one dataset
+    (threads or processes on one machine) take turns on a lock file, `.append.lock`.
     """
     _check_write_args({split: ()}, name, version, image_format, jpeg_quality)
-    _, tfds = import_tf()
     target = Path(data_dir) / name / version
+    target.mkdir(parents=True, exist_ok=True)
+    # Appends are read-modify-write of dataset_info.json and the next shard's name: two
+    # writers at once (a flush timer and a shutdown flush, or two processes) would share a
+    # shard file and lose one's shard length. An exclusive lock file serialises them.
+    with open(target / '.append.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _append_locked(episodes, target, name, version, split, image_format,
+                              jpeg_quality)
+
+
+def _append_locked(episodes, target: Path, name: str, version: str, split: str,
+                   image_format: str, jpeg_quality: int) -> Path:
+    _, tfds = import_tf()
     infos, num_shards = [], 0
     if (target / 'dataset_info.json').is_file():
         infos = _split_infos(target, name)
@@ -157,7 +171,6 @@ def append_episodes(episodes: Iterable[Episode], data_dir: PathLike, *,
         mine = [info for info in infos if info.name == split]
         num_shards = mine[0].num_shards if mine else 0
     encoder = _EpisodeEncoder(image_format, jpeg_quality)
-    target.mkdir(parents=True, exist_ok=True)
     part = target / f'.{name}-{split}.tfrecord-{num_shards:05d}.part'
     try:
         new = _write_split(target, name, split, episodes, encoder, max_shard_bytes=2 ** 62,

@@ -67,6 +67,7 @@ class RecorderNode(Node):
         self.assembler = EpisodeAssembler()
         self.pending = []  # (monotonic time closed, Episode) not yet written
         self.pending_lock = threading.Lock()  # the flush timer runs beside the subscriptions
+        self.flush_lock = threading.Lock()
         self.written = set()  # (actor, episode) already in the dataset
         self.results = {}  # episode id -> the episode manager's result (JSON object)
         self.lock = threading.Lock()
@@ -129,6 +130,12 @@ class RecorderNode(Node):
 
     def flush_rlds(self, everything: bool = False) -> None:
         """Append the episodes closed at least label_grace_s ago (all of them: `everything`)."""
+        # The shutdown flush can start while the timer's is still writing: one at a time, or
+        # both would append the same episodes.
+        with self.flush_lock:
+            self._flush_rlds(everything)
+
+    def _flush_rlds(self, everything: bool) -> None:
         from robot_rl.data.rlds import append_episodes
         cutoff = time.monotonic() - self.p['label_grace_s']
         with self.pending_lock:
