@@ -205,9 +205,12 @@ def test_policy_node_steers_a_trained_policy_with_a_critic(tmp_path):
         policy = g.start('policy', 'policy', {
             'policy.checkpoint': str(tmp_path / 'policy.safetensors'),
             'steering.critic_checkpoint': str(tmp_path / 'critic.safetensors'),
+            # An ensemble of two copies: the ensemble path runs, choices as with one.
+            'steering.ensemble_checkpoints': [str(tmp_path / 'critic.safetensors')],
             'steering.num_samples': 8, 'transitions.enabled': False})
         g.wait(lambda: len(g.actions) >= 10, 120, 'ten steered actions')
         assert 'V-GPS steering: K=8' in policy.log()
+        assert policy.log().count('critic.safetensors') >= 2
         for _, a in g.actions:
             assert space.check(a) is not None and a[6] in (0.0, 1.0)  # sticky gripper: binary
     finally:

@@ -79,7 +79,7 @@ def test_picks_the_argmax_of_a_known_critic_with_one_encoding():
         s = steering(chunks, best_index)
         action = s.act(obs(), INSTRUCTION)
         assert s.last.chosen == best_index
-        assert s.critic.encodes == 1
+        assert s.critics[0].encodes == 1
         np.testing.assert_allclose(action[:6], chunks[best_index, 0, :6], atol=1e-6)
         assert s.last.q.shape == (len(chunks),) and np.argmax(s.last.q) == best_index
 
@@ -94,7 +94,7 @@ def test_chunk_scoring_ranks_whole_chunks_from_one_encoding():
     assert first.last.chosen == 0
     whole = steering(chunks, 0, scoring='chunk')
     whole.act(obs(), INSTRUCTION)
-    assert whole.last.chosen == 1 and whole.critic.encodes == 1
+    assert whole.last.chosen == 1 and whole.critics[0].encodes == 1
     best = torch.from_numpy(SPACE.normalise(target))
     scored = torch.from_numpy(np.clip(SPACE.normalise(chunks), -1.0, 1.0))  # as steering does
     q = -((scored - best) ** 2).sum(-1)  # (K, H), the first (lower) head
@@ -131,7 +131,7 @@ def test_random_reranking_ignores_the_critic():
         s.reset()
         s.act(obs(), INSTRUCTION)
         chosen.add(s.last.chosen)
-    assert s.critic.encodes == 0 and len(chosen) > 3
+    assert s.critics[0].encodes == 0 and len(chosen) > 3
 
 
 def test_real_critic_scores_k_candidates_from_one_encoding():
@@ -241,3 +241,34 @@ def test_executor_never_leaves_the_robot_limits():
     action = executor(wild)
     assert SPACE.check(action) is not None
     np.testing.assert_allclose(action[:6], SPACE.high[:6])
+
+
+def test_an_ensemble_executes_the_candidate_its_mean_score_prefers():
+    # Each critic alone picks its own favourite; their mean prefers the candidate between them.
+    chunks = candidates(k=6)
+    chunks[2, 0] = (chunks[1, 0] + chunks[4, 0]) / 2
+    first, second = (KnownCritic(SPACE.normalise(chunks[i, 0])) for i in (1, 4))
+    for critics, expected in (([first], 1), ([second], 4), ([first, second], 2)):
+        s = ValueGuidedSteering(FixedCandidates(chunks), critics, SPACE, num_samples=6,
+                                embed=embed)
+        s.act(obs(), INSTRUCTION)
+        assert s.last.chosen == expected
+    assert first.encodes == second.encodes == 2  # one encoding per critic per step
+
+
+def test_ensemble_critics_load_from_checkpoints_and_must_share_an_action_space(tmp_path):
+    from robot_rl.models.critic import save_critic
+    from robot_rl.steering.vgps import load_steering_critics
+
+    config = CriticConfig(encoder_depth=10, encoder_width=8, lang_dim=4, hidden_dims=(16,))
+    narrow = ActionSpace(SPACE.low / 2, SPACE.high / 2)
+    for seed, name, space in ((0, 'a', SPACE), (1, 'b', SPACE), (2, 'c', narrow)):
+        torch.manual_seed(seed)
+        save_critic(tmp_path / f'{name}.safetensors', Critic(config), space)
+    critics, space = load_steering_critics([tmp_path / 'a.safetensors',
+                                            tmp_path / 'b.safetensors'])
+    assert len(critics) == 2 and space.to_dict() == SPACE.to_dict()
+    assert any(not torch.equal(a, b) for a, b in zip(critics[0].state_dict().values(),
+                                                     critics[1].state_dict().values()))
+    with pytest.raises(ValueError, match='c.safetensors: its action space'):
+        load_steering_critics([tmp_path / 'a.safetensors', tmp_path / 'c.safetensors'])

@@ -121,9 +121,9 @@ def run(cfg: DemoConfig) -> Dict[str, Dict]:
 
     # 1-2. The shipped generalist alone and steered by the shipped critic.
     ecfg = eval_config(cfg)
-    policy, critic, critic_space, embed, _ = evaluate.load_models(ecfg)
+    policy, critics, critic_space, embed, _ = evaluate.load_models(ecfg)
     ecfg = dataclasses.replace(ecfg, image_size=policy.encoder_config.image_size)
-    steer = {name: ValueGuidedSteering(policy, critic, critic_space, num_samples=k,
+    steer = {name: ValueGuidedSteering(policy, critics, critic_space, num_samples=k,
                                        embed=embed, seed=cfg.seed, device=str(device))
              for name, k in (('base', 1), (f'V-GPS K={cfg.num_samples}', cfg.num_samples))}
     results = run_arms(cfg, ecfg, steer, out)

@@ -42,6 +42,9 @@ class EvalConfig:
     critic_path: Optional[str] = None
     """Critic: a robot-rl-train-critic checkpoint directory (its target critic is used, as in
     V-GPS) or a critic .safetensors file; null runs the base and random arms only."""
+    ensemble_critic_paths: List[str] = dataclasses.field(default_factory=list)
+    """More critics (e.g. other training seeds) to score with critic_path: a candidate's score
+    is the mean of the critics' min-over-heads Q."""
     tasks: List[str] = dataclasses.field(default_factory=lambda: list(TASKS))
     episodes_per_task: int = 100
     num_samples: List[int] = dataclasses.field(default_factory=lambda: [5, 10, 30])
@@ -74,7 +77,9 @@ class EvalConfig:
             (self.temperature >= 0, 'temperature >= 0'),
             (self.scoring in SCORINGS, f'scoring in {SCORINGS}'),
             (self.critic_path is not None or not self.num_samples,
-             'a critic for the steered arms (or num_samples=[])')) if not ok]
+             'a critic for the steered arms (or num_samples=[])'),
+            (self.critic_path is not None or not self.ensemble_critic_paths,
+             'critic_path with ensemble_critic_paths')) if not ok]
         if problems:
             raise ValueError('invalid eval config: need ' + '; '.join(problems))
         return self
@@ -103,23 +108,19 @@ def arms(cfg: EvalConfig) -> List[Tuple[str, int, str]]:
 
 
 def load_models(cfg: EvalConfig):
-    """(policy, critic, critic action space, embed) on the configured device."""
+    """(policy, critics, critic action space, embed, device) on the configured device."""
     from policies.common import load_policy
-    from robot_rl.models.critic import load_critic
     from robot_rl.rl import learner
+    from robot_rl.steering import load_steering_critics
 
     device = learner.resolve_device(cfg.device)
     policy = load_policy(cfg.policy_path, device=device, seed=cfg.seed)
     if cfg.critic_path is None:
         return policy, None, None, None, device
-    path = Path(cfg.critic_path)
-    if path.is_dir():
-        path = path / learner.TARGET_FILE
-    loaded = load_critic(path, device)
-    if loaded.action_space is None:
-        raise ValueError(f'{path}: the critic carries no action space; it cannot score actions')
-    embed = learner.make_embed(loaded.critic.config.lang_dim, cfg.language_model, device)
-    return policy, loaded.critic, loaded.action_space, embed, device
+    critics, space = load_steering_critics([cfg.critic_path, *cfg.ensemble_critic_paths],
+                                           device)
+    embed = learner.make_embed(critics[0].config.lang_dim, cfg.language_model, device)
+    return policy, critics, space, embed, device
 
 
 def run_arm(cfg: EvalConfig, steering, name: str, progress: tqdm) -> Dict:
@@ -227,12 +228,12 @@ def run(cfg: EvalConfig) -> Dict[str, Dict]:
 
     cfg.validate()
     out = Path(cfg.output_dir)
-    policy, critic, critic_space, embed, device = load_models(cfg)
+    policy, critics, critic_space, embed, device = load_models(cfg)
     results: Dict[str, Dict] = {}
     total = len(arms(cfg)) * len(cfg.tasks) * cfg.episodes_per_task
     with tqdm(total=total, desc='evaluation', unit='ep', dynamic_ncols=True) as progress:
         for name, k, selection in arms(cfg):
-            steering = ValueGuidedSteering(policy, critic, critic_space, num_samples=k,
+            steering = ValueGuidedSteering(policy, critics, critic_space, num_samples=k,
                                            temperature=cfg.temperature, selection=selection,
                                            embed=embed, seed=cfg.seed, device=str(device),
                                            scoring=cfg.scoring)

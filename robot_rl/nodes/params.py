@@ -57,6 +57,9 @@ NODE_PARAMS: Dict[str, List[ParamSpec]] = {
         P('steering.critic_checkpoint', '', 'Critic for V-GPS: a robot-rl-train-critic '
           'checkpoint directory (its target critic) or a critic .safetensors; empty = none.',
           read_only=True),
+        P('steering.ensemble_checkpoints', [''], 'More critics (e.g. other training seeds) '
+          'scored with steering.critic_checkpoint: a candidate scores the mean of their '
+          'min-over-heads Q.', read_only=True),
         P('steering.temperature', 0.0, 'Selection temperature: 0 = argmax of Q, > 0 = sample '
           'softmax(Q / temperature).', 0.0, 100.0),
         P('steering.scoring', 'first_action', "What the critic scores: 'first_action' of each "

@@ -23,7 +23,8 @@ Publishes:
 Inference runs in a timer in its own MutuallyExclusiveCallbackGroup (MultiThreadedExecutor),
 only on a frame newer than the last one acted on.
 Steering (robot_rl.steering.ValueGuidedSteering): steering.num_samples = K chunks per step,
-scored by the critic in steering.critic_checkpoint (V-GPS); without a critic one of the K is
+scored by the critic in steering.critic_checkpoint (V-GPS; with steering.ensemble_checkpoints,
+by the mean of several critics); without a critic one of the K is
 taken at random, which is the policy's own distribution. Chosen chunks go through the temporal
 ensembler and sticky gripper; candidates that are malformed are dropped, and with none left the
 node sends a hold action (zero motion, gripper unchanged) instead of failing the control loop.
@@ -55,7 +56,7 @@ from robot_rl.nodes.ros_common import (COMMAND_QOS, declare_all, history_qos, LA
                                        policy_spec, reject_changes, run, SENSOR_QOS)
 from robot_rl.rl.finetune import check_fits, split_weights
 from robot_rl.rl.learner import resolve_device
-from robot_rl.steering import ValueGuidedSteering
+from robot_rl.steering import load_steering_critics, ValueGuidedSteering
 from robot_rl.transport import (ActorTracker, decode_weights, encode_steps, EnvelopeError,
                                 parse_event, VersionGate)
 from robot_rl.types import ActionSpace, IMAGE_KEY, STATE_DIM, STATE_KEY
@@ -196,10 +197,11 @@ class PolicyNode(Node):
             self.policy.load_weights(update.tensors, f'weights v{update.version}')
             return
         parts = split_weights(update)
-        critic = self.steering.critic
-        if parts['critic'] and critic is None:
-            raise ValueError('the weights carry a critic but this node steers without one '
-                             '(set steering.critic_checkpoint)')
+        critics = self.steering.critics
+        if parts['critic'] and len(critics) != 1:
+            raise ValueError(f'the weights carry a critic but this node steers with '
+                             f'{len(critics)} (set steering.critic_checkpoint alone)')
+        critic = critics[0] if critics else None
         source = f'weights v{update.version}'
         check_fits(self.policy, parts['policy'], source)
         if parts['critic']:
@@ -365,16 +367,13 @@ class PolicyNode(Node):
         if not path:
             return ValueGuidedSteering(self.policy, None, None, num_samples=k,
                                        selection='random', bounds=self.space)
-        from robot_rl.models.critic import load_critic
-        from robot_rl.rl.learner import make_embed, TARGET_FILE
+        from robot_rl.rl.learner import make_embed
         device = resolve_device(self.p['device'])
-        file = os.path.join(path, TARGET_FILE) if os.path.isdir(path) else path
-        loaded = load_critic(file, device)
-        if loaded.action_space is None:
-            raise ValueError(f'{file}: the critic carries no action space')
-        embed = make_embed(loaded.critic.config.lang_dim, None, device)
-        self.get_logger().info(f'V-GPS steering: K={k}, critic {file}')
-        return ValueGuidedSteering(self.policy, loaded.critic, loaded.action_space,
+        paths = [path, *(p for p in self.p['steering.ensemble_checkpoints'] if p)]
+        critics, space = load_steering_critics(paths, device)
+        embed = make_embed(critics[0].config.lang_dim, None, device)
+        self.get_logger().info(f'V-GPS steering: K={k}, critics {paths}')
+        return ValueGuidedSteering(self.policy, critics, space,
                                    num_samples=k, temperature=self.p['steering.temperature'],
                                    embed=embed, bounds=self.space, device=str(device),
                                    scoring=self.p['steering.scoring'])

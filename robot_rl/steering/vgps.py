@@ -5,7 +5,8 @@ Every control step:
 2. drop candidates that are malformed or non-finite (warning); none left -> hold, log an error;
 3. encode the latest frame with the critic ONCE and score the first action of every chunk
    (V-GPS), or every action of every chunk averaged over the chunk ('chunk': all of a chunk
-   reaches the robot through the ensembler), min over the ensemble heads;
+   reaches the robot through the ensembler), min over the critic's heads; with several
+   critics (independently trained seeds), the mean of their scores;
 4. select: argmax (temperature 0), a sample of softmax(Q / temperature), or uniformly at
    random (the 'random' re-ranking control, same K and sampling, no critic);
 5. execute through the temporal ensembler and the sticky gripper, clipped to the robot's limits.
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from robot_rl.models.critic import Critic
+from robot_rl.models.critic import Critic, load_critic
 from robot_rl.steering.execution import ChunkExecutor
 from robot_rl.types import (ACTION_DIM, ActionSpace, fit_image, IMAGE_KEY, Observation,
                             STATE_KEY)
@@ -38,18 +40,48 @@ class StepInfo:
     """What the last `act` did (for logs, videos and tests)."""
     candidates: int = 0          # usable chunks out of num_samples
     chosen: int = -1             # index among the usable chunks (-1: held)
-    q: Optional[np.ndarray] = None  # (candidates,) min-over-heads Q, when a critic scored them
+    q: Optional[np.ndarray] = None  # (candidates,) the critics' score, when they scored them
+
+
+def load_steering_critics(paths: Sequence[Union[str, Path]], device='cpu'
+                          ) -> Tuple[List[Critic], ActionSpace]:
+    """Critics for steering and the action space they score in, from robot-rl-train-critic
+    checkpoint directories (their target critic, as in V-GPS) or critic .safetensors files.
+
+    Several paths make an ensemble; they must share one action space and language width
+    (ValueError naming the first path that does not)."""
+    from robot_rl.rl.learner import TARGET_FILE
+
+    critics, space = [], None
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            path = path / TARGET_FILE
+        loaded = load_critic(path, device)
+        if loaded.action_space is None:
+            raise ValueError(f'{path}: the critic carries no action space; it cannot score '
+                             'actions')
+        if critics and (loaded.action_space.to_dict() != space.to_dict()
+                        or loaded.critic.config.lang_dim != critics[0].config.lang_dim):
+            raise ValueError(f'{path}: its action space or language width differs from '
+                             f'{paths[0]}; an ensemble scores in one')
+        critics.append(loaded.critic)
+        space = loaded.action_space
+    if not critics:
+        raise ValueError('no critic paths given')
+    return critics, space
 
 
 class ValueGuidedSteering:
     """Wrap any Policy: sample K chunks, score them with a Cal-QL critic, execute the best.
 
+    critic: one Critic, or a list of them (an ensemble: their scores are averaged).
     critic_action_space: the normaliser saved with the critic (candidates are scored in its
     units). bounds: the robot's action limits (default: the WidowX's). image_size: the critic's
     input side; frames of the same aspect ratio are resized to it (None: as they come).
     """
 
-    def __init__(self, policy, critic: Optional[Critic],
+    def __init__(self, policy, critic: Union[None, Critic, Sequence[Critic]],
                  critic_action_space: Optional[ActionSpace], num_samples: int = 10,
                  temperature: float = 0.0, selection: str = 'value', embed=None,
                  image_size: Optional[int] = None, bounds: Optional[ActionSpace] = None,
@@ -62,12 +94,14 @@ class ValueGuidedSteering:
             raise ValueError(f'selection must be one of {SELECTIONS}, got {selection!r}')
         if scoring not in SCORINGS:
             raise ValueError(f'scoring must be one of {SCORINGS}, got {scoring!r}')
-        if selection == 'value' and num_samples > 1 and (critic is None or embed is None
+        critics = [] if critic is None else list(critic) if isinstance(critic, (list, tuple)) \
+            else [critic]
+        if selection == 'value' and num_samples > 1 and (not critics or embed is None
                                                          or critic_action_space is None):
             raise ValueError("selection 'value' with num_samples > 1 needs a critic, its "
                              'action space and a language embedding function')
         self.policy = policy
-        self.critic = critic.eval() if critic is not None else None
+        self.critics = [c.eval() for c in critics]
         self.critic_space = critic_action_space
         self.num_samples = num_samples
         self.temperature = temperature
@@ -126,7 +160,8 @@ class ValueGuidedSteering:
     @torch.no_grad()
     def score(self, obs: Observation, instruction: str, actions: np.ndarray) -> np.ndarray:
         """Q (K,) of K actions (K, 7), or of K chunks (K, H, 7) as the mean over each chunk of
-        its actions' Q at this frame: one image encoding, min over the heads."""
+        its actions' Q at this frame: one image encoding per critic, min over its heads, mean
+        over the critics."""
         k = len(actions)
         actions = np.asarray(actions, np.float32).reshape(-1, ACTION_DIM)
         image = obs[IMAGE_KEY]
@@ -135,14 +170,19 @@ class ValueGuidedSteering:
         images = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)[None]
         lang = self.embed([instruction])
         normalised = np.clip(self.critic_space.normalise(actions), -1.0, 1.0)
-        states = None  # a state critic names a missing or misshapen state in encode
-        if self.critic.config.state_dim and obs.get(STATE_KEY) is not None:
-            states = torch.as_tensor(np.asarray(obs[STATE_KEY], np.float32).reshape(1, -1),
-                                     device=self.device)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == 'cuda'):
-            z = self.critic.encode(images, lang, states)
-            q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[None])  # (E, 1, K*H)
-        return q.float().min(dim=0).values[0].cpu().numpy().reshape(k, -1).mean(axis=1)
+        actions = torch.from_numpy(normalised).to(self.device)[None]
+        state = obs.get(STATE_KEY)
+        scores = []
+        for critic in self.critics:
+            states = None  # a state critic names a missing or misshapen state in encode
+            if critic.config.state_dim and state is not None:
+                states = torch.as_tensor(np.asarray(state, np.float32).reshape(1, -1),
+                                         device=self.device)
+            with torch.autocast(self.device.type, torch.bfloat16,
+                                enabled=self.device.type == 'cuda'):
+                q = critic.q(critic.encode(images, lang, states), actions)  # (E, 1, K*H)
+            scores.append(q.float().min(dim=0).values[0])
+        return torch.stack(scores).mean(0).cpu().numpy().reshape(k, -1).mean(axis=1)
 
     def select(self, q: np.ndarray) -> int:
         """argmax at temperature 0, else a draw from softmax(Q / temperature)."""
