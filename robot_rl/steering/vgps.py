@@ -171,16 +171,16 @@ class ValueGuidedSteering:
         lang = self.embed([instruction])
         normalised = np.clip(self.critic_space.normalise(actions), -1.0, 1.0)
         actions = torch.from_numpy(normalised).to(self.device)[None]
-        state = obs.get(STATE_KEY)
+        states = None  # a state critic names a missing or misshapen state in encode
+        if obs.get(STATE_KEY) is not None:
+            states = torch.as_tensor(np.asarray(obs[STATE_KEY], np.float32).reshape(1, -1),
+                                     device=self.device)
         scores = []
         for critic in self.critics:
-            states = None  # a state critic names a missing or misshapen state in encode
-            if critic.config.state_dim and state is not None:
-                states = torch.as_tensor(np.asarray(state, np.float32).reshape(1, -1),
-                                         device=self.device)
             with torch.autocast(self.device.type, torch.bfloat16,
                                 enabled=self.device.type == 'cuda'):
-                q = critic.q(critic.encode(images, lang, states), actions)  # (E, 1, K*H)
+                z = critic.encode(images, lang, states if critic.config.state_dim else None)
+                q = critic.q(z, actions)  # (E, 1, K*H)
             scores.append(q.float().min(dim=0).values[0])
         return torch.stack(scores).mean(0).cpu().numpy().reshape(k, -1).mean(axis=1)
 
