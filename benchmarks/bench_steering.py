@@ -3,13 +3,15 @@
     python benchmarks/bench_steering.py                          # 128 px, CPU, 1 thread
     python benchmarks/bench_steering.py --critics tiny 18 --ks 1 10 50 100
     python benchmarks/bench_steering.py --critics tiny --state --scoring chunk
+    python benchmarks/bench_steering.py --critics tiny --state --scoring chunk --ensemble 4
 
 One control step = `ValueGuidedSteering.act` (sample K chunks from the diffusion policy, score
 the first actions or, with --scoring chunk, all of them, select, ensemble) on a 128x128 frame.
 Measured: the base policy alone (K = 1, no critic), steering at each K with the critic's image
 encoding shared by all candidates, and with the image re-encoded once per scored action (what a
 critic without the encode/q split costs); plus the critic's scoring alone (encode once + q over
-the K candidates). Prints medians and ratios to the base.
+the K candidates). --ensemble N scores with N critics of the same size (their mean). Prints
+medians and ratios to the base.
 """
 
 import argparse
@@ -42,13 +44,15 @@ class ReEncodingSteering(ValueGuidedSteering):
         actions = np.asarray(actions, np.float32).reshape(-1, ACTION_DIM)  # chunks: all
         n = len(actions)
         images = torch.from_numpy(obs[IMAGE_KEY]).to(self.device)[None].expand(n, -1, -1, -1)
-        states = None
-        if self.critic.config.state_dim:
-            states = torch.from_numpy(obs[STATE_KEY]).to(self.device)[None].expand(n, -1)
-        z = self.critic.encode(images, self.embed([instruction]).expand(n, -1), states)
-        normalised = np.clip(self.critic_space.normalise(actions), -1.0, 1.0)
-        q = self.critic.q(z, torch.from_numpy(normalised).to(self.device)[:, None])  # (E, n, 1)
-        return q.min(dim=0).values[:, 0].cpu().numpy().reshape(k, -1).mean(axis=1)
+        states = torch.from_numpy(obs[STATE_KEY]).to(self.device)[None].expand(n, -1)
+        lang = self.embed([instruction]).expand(n, -1)
+        normalised = torch.from_numpy(np.clip(self.critic_space.normalise(actions), -1.0, 1.0))
+        scores = []
+        for critic in self.critics:
+            z = critic.encode(images, lang, states if critic.config.state_dim else None)
+            q = critic.q(z, normalised.to(self.device)[:, None])  # (E, n, 1)
+            scores.append(q.min(dim=0).values[:, 0])
+        return torch.stack(scores).mean(0).cpu().numpy().reshape(k, -1).mean(axis=1)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -70,6 +74,7 @@ def main() -> None:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--state', action='store_true', help='critics that read the robot state')
     p.add_argument('--scoring', default='first_action', choices=['first_action', 'chunk'])
+    p.add_argument('--ensemble', type=int, default=1, help='critics per steering (their mean)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     space = ActionSpace.bridge()
@@ -85,9 +90,10 @@ def main() -> None:
     base_ms = median_ms(lambda: base.act(obs, INSTRUCTION), args.repeats)
     print(f'base policy alone: {base_ms:.1f} ms per step')
     for name in args.critics:
-        critic = Critic(CriticConfig(**CRITICS[name], state_dim=7 if args.state else 0)).eval()
-        print(f'\ncritic {name} ({sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M '
-              'params): median ms per step (ratio to the base policy)')
+        config = CriticConfig(**CRITICS[name], state_dim=7 if args.state else 0)
+        critic = [Critic(config).eval() for _ in range(args.ensemble)]
+        print(f'\ncritic {name} ({sum(p.numel() for p in critic[0].parameters()) / 1e6:.2f}M '
+              f'params) x {args.ensemble}: median ms per step (ratio to the base policy)')
         print('| K | steering, shared encoding | steering, re-encode per candidate | '
               'scoring alone |')
         print('|---|---|---|---|')
