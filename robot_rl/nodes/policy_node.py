@@ -364,12 +364,16 @@ class PolicyNode(Node):
     def _make_steering(self) -> ValueGuidedSteering:
         k = self.p['steering.num_samples']
         path = self.p['steering.critic_checkpoint']
+        ensemble = [p for p in self.p['steering.ensemble_checkpoints'] if p]
+        if ensemble and not path:
+            raise ValueError('steering.ensemble_checkpoints is set without '
+                             'steering.critic_checkpoint: set the first critic there')
         if not path:
             return ValueGuidedSteering(self.policy, None, None, num_samples=k,
                                        selection='random', bounds=self.space)
         from robot_rl.rl.learner import make_embed
         device = resolve_device(self.p['device'])
-        paths = [path, *(p for p in self.p['steering.ensemble_checkpoints'] if p)]
+        paths = [path, *ensemble]
         critics, space = load_steering_critics(paths, device)
         embed = make_embed(critics[0].config.lang_dim, None, device)
         self.get_logger().info(f'V-GPS steering: K={k}, critics {paths}')
