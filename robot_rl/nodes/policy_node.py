@@ -24,10 +24,10 @@ Inference runs in a timer in its own MutuallyExclusiveCallbackGroup (MultiThread
 only on a frame newer than the last one acted on.
 Steering (robot_rl.steering.ValueGuidedSteering): steering.num_samples = K chunks per step,
 scored by the critic in steering.critic_checkpoint (V-GPS; with steering.ensemble_checkpoints,
-by the mean of several critics); without a critic one of the K is
-taken at random, which is the policy's own distribution. Chosen chunks go through the temporal
-ensembler and sticky gripper; candidates that are malformed are dropped, and with none left the
-node sends a hold action (zero motion, gripper unchanged) instead of failing the control loop.
+by the mean of several critics); without a critic one of the K is taken at random, which is the
+policy's own distribution. Chosen chunks go through the temporal ensembler and sticky gripper;
+candidates that are malformed are dropped, and with none left the node sends a hold action
+(zero motion, gripper unchanged) instead of failing the control loop.
 Who acts (robot_rl.episodes.arbiter): e-stop > teleoperation > hold (device lost while taken
 over) > policy. A person's action is sent and stored as executed, flagged as an intervention.
 """
