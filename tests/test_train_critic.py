@@ -315,10 +315,16 @@ def test_two_gloo_ranks_end_with_identical_weights(bars, tmp_path):
 def test_critic_ranks_successful_actions_above_failed_ones(tmp_path):
     """Held-out AUC of Q(s, a_data) over all transitions, and over first transitions only:
     those share one state distribution whatever the outcome, so there only the action can
-    tell success from failure."""
+    tell success from failure.
+
+    No augmentation: a random crop moves the bar, which is the whole state here, and with it
+    the critic's first-transition ranking swings with floating-point order (AUC 0.27-0.70 over
+    seeds and machines at 400-800 updates with crops; 0.75-0.77 over four seeds without).
+    """
     data = write_bar_dataset(tmp_path / 'bars', train=60, val=20, seed=1)
-    result = main(config(data, tmp_path, 'steps=400', 'eval_every=400', 'critic.lang_dim=0',
-                         'algo.critic_lr=1e-3', 'algo.gamma=0.9', 'algo.tau=0.05'))
+    result = main(config(data, tmp_path, 'steps=800', 'eval_every=800', 'critic.lang_dim=0',
+                         'algo.critic_lr=1e-3', 'algo.gamma=0.9', 'algo.tau=0.05',
+                         'augment.enabled=false'))
     assert result.metrics['eval/auc'] > 0.8, result.metrics
     assert result.metrics['eval/q_mc_pearson'] > 0.5, result.metrics
     held_out = bar_episodes(2, 40)
