@@ -317,22 +317,30 @@ def test_critic_ranks_successful_actions_above_failed_ones(tmp_path):
     those share one state distribution whatever the outcome, so there only the action can
     tell success from failure.
 
-    No augmentation: a random crop moves the bar, which is the whole state here, and with it
-    the critic's first-transition ranking swings with floating-point order (AUC 0.27-0.70 over
-    seeds and machines at 400-800 updates with crops; 0.75-0.77 over four seeds without).
+    In this task pushing left costs the optimal continuation only a step or two, so the true
+    gap Q(s, right) - Q(s, left) is small; with V-GPS's alpha = 5 and random crops (which move
+    the bar, the whole state here) the first-transition ranking swung with floating-point
+    order (AUC 0.27-0.77 over seeds and thread counts). With alpha 1 and no crops the gap is
+    2.1-2.6 and the critic prefers pushing right at every held-out first state.
     """
     data = write_bar_dataset(tmp_path / 'bars', train=60, val=20, seed=1)
     result = main(config(data, tmp_path, 'steps=800', 'eval_every=800', 'critic.lang_dim=0',
                          'algo.critic_lr=1e-3', 'algo.gamma=0.9', 'algo.tau=0.05',
-                         'augment.enabled=false'))
+                         'algo.alpha=1', 'augment.enabled=false'))
     assert result.metrics['eval/auc'] > 0.8, result.metrics
     assert result.metrics['eval/q_mc_pearson'] > 0.5, result.metrics
     held_out = bar_episodes(2, 40)
     critic = result.algo.critic
     images = torch.from_numpy(np.stack([e.images[0] for e in held_out]))
     actions = result.action_space.normalise(np.stack([e.actions[0] for e in held_out]))
+    push = np.zeros((2, 7), np.float32)
+    push[:, 0] = [0.05, -0.05]  # the strongest push right and left, nothing else
+    push = torch.from_numpy(result.action_space.normalise(push))
     with torch.no_grad():
-        q = critic.q(critic.encode(images, None), torch.from_numpy(actions)[:, None])
-    auc = evaluate_critic.roc_auc(q.min(0).values[:, 0].numpy(),
-                                  np.array([e.success for e in held_out]))
+        z = critic.encode(images, None)
+        q = critic.q(z, torch.from_numpy(actions)[:, None]).min(0).values[:, 0]
+        q_right, q_left = critic.q(z, push[None].expand(len(z), -1, -1)).min(0).values.T
+    auc = evaluate_critic.roc_auc(q.numpy(), np.array([e.success for e in held_out]))
     assert auc > 0.65, auc
+    # At the same state, pushing right (towards success) is worth more than pushing left.
+    assert (q_right > q_left).float().mean() > 0.8, (q_right - q_left)
