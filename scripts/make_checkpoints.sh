@@ -17,10 +17,12 @@ source="data.sources=[{path:$data,split:train,weight:1.0,labelling:dataset}]"
 "$bin/robot-rl-train-bc" policy=diffusion data=sim "$source" successes_only=true device=cpu \
     batch_size=64 steps=20000 augment.enabled=false output_dir="$work/runs" run_name=bc
 # 3. The critic: Cal-QL (V-GPS settings), the tiny CPU critic reading the robot state beside the
-#    image, on the same scripted data (successes and failures). Seed 1: critics from seeds 0-2
-#    steer differently (README, "a critic that reads the robot's state").
+#    image, on the same scripted data (successes and failures), no augmentation (random crops
+#    move the scene against the state; README, "a critic trained without crops"). Seed 1:
+#    critics from other seeds steer differently (README, "a critic that reads the robot's state").
 "$bin/robot-rl-train-critic" data=sim "$source" critic=tiny critic.state_dim=7 seed=1 \
-    device=cpu batch_size=64 steps=4000 output_dir="$work/runs" run_name=critic
+    device=cpu batch_size=64 steps=4000 augment.enabled=false output_dir="$work/runs" \
+    run_name=critic
 
 out="$root/robot_rl/checkpoints/sim"
 mkdir -p "$out/critic"
