@@ -131,6 +131,38 @@ def test_spearman_of_the_ranking_script_matches_the_definition():
     assert np.isnan(module.spearman([1, 2, 3], [0.5, 0.5, 0.5]))
 
 
+def test_self_distillation_trains_the_policy_on_the_chosen_targets(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    script = str(repo / 'scripts' / 'self_distillation.py')
+    run_script('robot-rl-gen-data', 'tasks=[carrot_on_plate]', 'episodes_per_task=2',
+               'val_fraction=0', 'image_size=64', 'expert=clean', f'output_dir={tmp_path}',
+               cwd=tmp_path)
+    data = str(tmp_path / 'robot_rl_sim' / '1.0.0')
+
+    def probe(*args):
+        out = tmp_path / 'report.json'
+        result = subprocess.run([sys.executable, script, '--data', data, '--out', str(out),
+                                 *args], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads(out.read_text())
+
+    # No updates: the same sampling seed draws the same chunks before and after.
+    still = probe('--targets', 'self', '--updates', '0', '--episodes', '0')
+    assert still['mean_abs_shift_of_samples'] == 0.0
+    assert still['sample_std_per_dim_before'] == still['sample_std_per_dim_after']
+    assert still['success_before'] is None and still['loss_first_10'] is None
+    # Training on its own samples moves them; the policy is then run alone in the simulator.
+    moved = probe('--targets', 'self', '--updates', '3', '--episodes', '1', '--lr', '1e-3')
+    assert moved['mean_abs_shift_of_samples'] > 0.0 and moved['class'] == 'diffusion'
+    assert moved['success_before'] in (0.0, 1.0) and moved['success_after'] in (0.0, 1.0)
+    assert len(moved['sample_std_per_dim_after']) == 7
+    assert np.isfinite(moved['loss_last_10'])
+    refused = subprocess.run([sys.executable, script, '--data', data, '--updates', '-1'],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and '--updates' in refused.stderr
+
+
 def test_failure_anatomy_classifies_each_episode_from_the_simulator(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     script = str(repo / 'scripts' / 'failure_anatomy.py')
