@@ -9,11 +9,12 @@ policy's `supervised_loss` on them, then runs the policy alone in the simulator.
 - frozen: a sample of a frozen copy of the starting policy;
 - data:   the data's own chunk (behaviour cloning continued: the control).
 
-A class whose loss is an exact log-likelihood (gaussian, autoregressive) has a zero expected
-gradient on its own samples (E_{a~pi}[grad log pi(a)] = 0), so `self` only adds noise; the
-diffusion loss is a bound on the likelihood, and on its own samples its expected gradient is
-not zero. Also reported: the spread of sampled chunks (std over 16 draws per frame, per
-action dimension, on a fixed batch of frames) before and after, and how far the samples moved.
+For a class whose loss is an exact log-likelihood (gaussian, autoregressive) the expected
+gradient on its own samples is zero (E_{a~pi}[grad log pi(a)] = 0), yet the sampling noise of
+each step accumulates with nothing pulling the policy back to its data; the diffusion loss is
+a bound on the likelihood, and on its own samples its expected gradient is not zero either.
+Also reported: the spread of sampled chunks (std over 16 draws per frame, per action
+dimension, on a fixed batch of frames) before and after, and how far the samples moved.
 
     .venv/bin/python scripts/self_distillation.py --data data/robot_rl_sim/1.0.0 \\
         --targets self --updates 300 --task carrot_on_plate --episodes 100
