@@ -256,6 +256,29 @@ def test_a_lagging_acting_policy_samples_acts_and_follows_the_distilled_one(
                    torch.device('cpu'))
 
 
+def test_a_fixed_critic_stays_as_loaded_while_the_policy_learns(tmp_path):
+    cfg = dataclasses.replace(pretrained(tmp_path / 'pretrained'), warmup_episodes=0,
+                              train_critic=False)
+    learner = ft.Learner(cfg, tmp_path / 'run', torch.device('cpu'))
+    loaded = {k: v.clone() for k, v in learner.calql.critic.state_dict().items()}
+    learner.ingest(attempt(0, success=True))
+    policy_before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    for _ in range(3):
+        stats = learner.update()
+    assert set(stats) == {'loss_policy'}  # no critic step was taken
+    for k, v in learner.calql.critic.state_dict().items():
+        assert torch.equal(v, loaded[k]), k
+    assert any(not torch.equal(v, policy_before[k])
+               for k, v in learner.policy.state_dict().items())
+
+    learning = ft.Learner(dataclasses.replace(cfg, train_critic=True), tmp_path / 'run1',
+                          torch.device('cpu'))
+    learning.ingest(attempt(0, success=True))
+    assert 'loss_td' in learning.update()
+    assert any(not torch.equal(v, loaded[k])
+               for k, v in learning.calql.critic.state_dict().items())
+
+
 def test_bad_weights_are_never_loaded(tmp_path, caplog):
     cfg = pretrained(tmp_path / 'pretrained')
     models = ft.Models(cfg, torch.device('cpu'), 0)

@@ -113,6 +113,11 @@ class LearnerConfig:
     collapses within a few hundred updates, one distilled on a fixed copy's samples loses
     far less (README; at 0.01 the copy only delays the collapse). 0: the pre-trained policy
     always acts."""
+    train_critic: bool = True
+    """False: the pre-trained Cal-QL critic is kept as loaded and only the policy learns
+    (policy improvement against the offline critic). Online TD moves a critic that is still
+    far from its returns' scale, and with it the ranking the policy is distilled towards
+    (README)."""
     grad_clip: float = 1.0
     publish_every: int = 20
     """Processes: send the actor new weights every this many updates."""
@@ -379,10 +384,12 @@ class Learner:
     # -- one update ------------------------------------------------------------------------
 
     def update(self) -> Dict[str, float]:
-        """One Cal-QL critic step (PA-RL TD target), then one PA-RL policy step."""
+        """One Cal-QL critic step (PA-RL TD target; unless the critic is kept fixed), then one
+        PA-RL policy step."""
         batch = self.sampler.sample(self.cfg.batch_size, self.rng)
         cbatch = common.to_calql_batch(batch, self.embed, self.device)
-        stats = self.calql.update(cbatch)
+        critic_stats = (dataclasses.asdict(self.calql.update(cbatch)) if self.cfg.train_critic
+                        else {})
         cloned = round(self.cfg.bc_ratio * len(cbatch.images)) if len(self.successes) else 0
         rl = len(cbatch.images) - cloned
         targets = parl.distillation_batch(self.acting, self.calql.critic, cbatch.images[:rl],
@@ -395,12 +402,13 @@ class Learner:
         policy_loss = parl.distil(self.policy, self.policy_opt, targets, self.cfg.grad_clip)
         if self.acting is not self.policy:
             polyak_update(self.acting, self.policy, self.cfg.policy_tau)
-        if not (math.isfinite(stats.loss) and math.isfinite(policy_loss)):
+        critic_loss = critic_stats.get('loss', 0.0)
+        if not (math.isfinite(critic_loss) and math.isfinite(policy_loss)):
             raise LearnerStopped(f'non-finite loss at update {self.updates + 1} (critic '
-                                 f'{stats.loss}, policy {policy_loss}); the last checkpoint '
+                                 f'{critic_loss}, policy {policy_loss}); the last checkpoint '
                                  'is intact')
         self.updates += 1
-        self.last_stats = {**dataclasses.asdict(stats), 'loss_policy': policy_loss}
+        self.last_stats = {**critic_stats, 'loss_policy': policy_loss}
         return self.last_stats
 
     def weights_message(self) -> bytes:
