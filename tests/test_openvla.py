@@ -268,7 +268,8 @@ def test_parl_optimises_and_distils_the_adapter_unchanged():
     assert np.isfinite(parl.distil(policy, optimizer, batch))
     # With a critic of known optimum: the optimised actions beat the adapter's own samples ...
     critic = QuadraticCritic(TARGET)
-    sampled = parl.sample_first_actions(policy.eval(), images, LANG, 8, units)
+    chunks = parl.sample_chunks(policy.eval(), images, LANG, 8)
+    sampled = units.to_critic(chunks[:, :, 0])
     batch = parl.distillation_batch(policy, critic, images, LANG, data, units, cfg)
     optimised = units.to_critic(batch.actions[:, 0])
     nearest_sample = (sampled - TARGET).norm(dim=-1).min(dim=1).values

@@ -108,7 +108,8 @@ def test_distillation_moves_every_policy_class_towards_the_critics_optimum(name)
     optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
 
     def distance():
-        first = parl.sample_first_actions(policy.eval(), images, lang, 8, units)
+        chunks = parl.sample_chunks(policy.eval(), images, lang, 8)
+        first = units.to_critic(chunks[:, :, 0])
         return (first - TARGET).norm(dim=-1).mean().item()
 
     before = distance()
@@ -173,6 +174,70 @@ def test_the_chosen_chunk_carries_the_optimised_first_action():
     batch = parl.distillation_batch(policy, QuadraticCritic(), images, lang, data, units,
                                     parl.PARLConfig(8, top_m=3, gradient_steps=0))
     assert batch.mask[:, 0].all() and not batch.mask[:, 1:].any()
+
+
+def test_chunk_scoring_values_and_optimises_whole_chunks():
+    critic = QuadraticCritic()
+    # Chunk 0 starts at the optimum and then goes far from it; chunk 1 stays near it.
+    near = TARGET + 0.1
+    chunks = torch.stack([torch.stack([TARGET, -TARGET, -TARGET]),
+                          torch.stack([near, near, near])])[None]          # (1, 2, 3, 7)
+    first = parl.optimise_actions(critic, torch.zeros(1, 1), chunks[:, :, 0],
+                                  parl.PARLConfig(2, top_m=2, gradient_steps=0))
+    whole = parl.optimise_actions(critic, torch.zeros(1, 1), chunks,
+                                  parl.PARLConfig(2, top_m=2, gradient_steps=0))
+    assert first.sources[0, 0] == 0 and whole.sources[0, 0] == 1
+    expected = critic.q(None, chunks[0]).mean(0).mean(-1)                 # (2,) chunk means
+    torch.testing.assert_close(whole.values[0], expected.sort(descending=True).values)
+
+    # Gradient ascent moves every action of a kept chunk, never losing value.
+    random = 2 * torch.rand(4, 16, 3, 7, generator=torch.Generator().manual_seed(3)) - 1
+    cfg = parl.PARLConfig(16, top_m=3, gradient_steps=20, step_size=0.05, scoring='chunk')
+    out = parl.optimise_actions(critic, torch.zeros(4, 1), random, cfg)
+    assert out.candidates.shape == (4, 3, 3, 7)
+    kept = random[torch.arange(4), out.sources[:, 0]]
+    assert ((out.candidates[:, 0] - TARGET).norm(dim=-1)
+            < (kept - TARGET).norm(dim=-1)).all()                      # each step nearer
+    # A dataset action stands in as a chunk of itself, valued at its own Q.
+    data = torch.full((4, 7), -1.0)
+    with_data = parl.optimise_actions(critic, torch.zeros(4, 1), random, cfg, data)
+    torch.testing.assert_close(with_data.candidates[:, -1], data[:, None].expand(-1, 3, -1))
+    torch.testing.assert_close(with_data.values[:, -1], critic.q(None, data).mean(0))
+    with pytest.raises(ValueError, match='scoring'):
+        parl.PARLConfig(scoring='mean')
+
+
+def test_the_chosen_chunk_is_optimised_whole_when_scoring_chunks():
+    torch.manual_seed(0)
+    policy = tiny_policy('diffusion').eval()
+    units = parl.UnitMap(ActionSpace.bridge(), ActionSpace.bridge(), torch.device('cpu'))
+    images = torch.randint(0, 255, (3, 16, 16, 3), dtype=torch.uint8)
+    lang = torch.randn(3, 4)
+    cfg = parl.PARLConfig(num_samples=8, top_m=3, gradient_steps=5, step_size=0.05,
+                          scoring='chunk')
+    policy.reset(0)
+    sampled = units.to_critic(parl.sample_chunks(policy, images, lang, 8))   # (3, 8, H, 7)
+    policy.reset(0)
+    choice = parl.optimised_actions(policy, QuadraticCritic(), images, lang, units, cfg)
+    optimised = units.to_critic(choice.chunk)                              # (3, H, 7)
+    values = QuadraticCritic().q(None, optimised).mean(0).mean(-1)
+    torch.testing.assert_close(choice.value, values, rtol=1e-5, atol=1e-5)
+    best_sampled = QuadraticCritic().q(None, sampled.flatten(1, 2)).mean(0)
+    best_sampled = best_sampled.view(3, 8, -1).mean(-1).max(1).values
+    assert (values > best_sampled).all()  # ascent improved on every sampled chunk
+    torch.testing.assert_close(units.to_critic(choice.chunk[:, 0]), choice.action)
+    # The TD target's sampler gives first actions of the optimised chunks.
+    sample = parl.parl_sampler(policy, QuadraticCritic(), units, cfg)
+    obs = type('Obs', (), {'images': images, 'lang_emb': lang, 'z': torch.zeros(3, 1)})
+    actions, log_probs = sample(obs, 2)
+    assert actions.shape == (3, 2, 7) and log_probs is None
+
+    data = TARGET.expand(3, 7)  # the critic's optimum: always chosen, first step supervised
+    batch = parl.distillation_batch(policy, QuadraticCritic(), images, lang, data, units,
+                                    parl.PARLConfig(8, top_m=3, gradient_steps=0,
+                                                    scoring='chunk'))
+    assert batch.mask[:, 0].all() and not batch.mask[:, 1:].any()
+    np.testing.assert_allclose(units.to_critic(batch.actions[:, 0])[:, :6], data[:, :6], atol=1e-6)
 
 
 def test_distilled_gripper_commands_are_open_or_closed_as_executed():

@@ -509,9 +509,9 @@ class Actor:
     """Acts with the optimised policy and records RLDS step records; takes new weights.
 
     Every control step: one policy encoding and N sampled chunks, one critic encoding, PA-RL's
-    optimisation of their first actions, then the chosen chunk (its first action optimised)
-    through the same execution as V-GPS: temporal ensembling, sticky gripper, the robot's
-    limits. The executed action is what is recorded. `load` verifies a weights update against
+    optimisation of their first actions (or of whole chunks: `parl.scoring`), then the chosen
+    chunk through the same execution as V-GPS: temporal ensembling, sticky gripper, the
+    robot's limits. The executed action is what is recorded. `load` verifies a weights update against
     both networks before copying.
     """
 

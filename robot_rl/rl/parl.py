@@ -15,8 +15,11 @@ class with `sample_actions`-style sampling and a `supervised_loss` can be improv
 The critic is Cal-QL (robot_rl.rl.calql) with `parl_sampler` as its policy sampler, so its TD
 target uses Q(s', optimised action). Actions are optimised in the critic's normalised units and
 converted to the policy's units to distil: the two checkpoints may carry different normalisers.
-Chunk policies (H > 1): the critic scores and optimises the chunk's first action; the actor
-executes, and distillation imitates, the chosen sampled chunk with that first action replaced.
+Chunk policies (H > 1): with scoring 'first_action' (as published) the critic scores and
+optimises the chunk's first action, and the actor executes, and distillation imitates, the
+chosen sampled chunk with that first action replaced; with scoring 'chunk' a candidate is the
+whole chunk, valued by the mean Q of its actions at the current observation (V-GPS's chunk
+scoring), and every action of it is optimised, executed and imitated.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from robot_rl.steering.execution import GRIPPER, GRIPPER_THRESHOLD
 from robot_rl.types import ActionSpace
 
 
+SCORINGS = ('first_action', 'chunk')
+
+
 @dataclasses.dataclass
 class PARLConfig:
     num_samples: int = 32
@@ -44,6 +50,10 @@ class PARLConfig:
     """Gradient-ascent step on normalised actions (the published 3e-4)."""
     temperature: float = 0.0
     """0: the argmax of Q; > 0: sample softmax(Q / temperature)."""
+    scoring: str = 'first_action'
+    """What a candidate is: the chunk's first action ('first_action', PA-RL as published) or
+    the whole chunk, valued by the mean Q of its actions ('chunk': what steers this project's
+    simulated generalist, README)."""
     binary_gripper: bool = True
     """Distil gripper commands as the robot executes them, open or closed (the sticky
     gripper's threshold): a sampler's in-between values, distilled, become more frequent in
@@ -53,12 +63,14 @@ class PARLConfig:
         if not 1 <= self.top_m <= self.num_samples:
             raise ValueError(f'need 1 <= top_m <= num_samples, got {self.top_m} and '
                              f'{self.num_samples}')
+        if self.scoring not in SCORINGS:
+            raise ValueError(f'scoring must be one of {SCORINGS}, got {self.scoring!r}')
         if self.gradient_steps < 0 or self.step_size < 0 or self.temperature < 0:
             raise ValueError('gradient_steps, step_size and temperature must be >= 0')
 
 
 class Optimised(NamedTuple):
-    candidates: torch.Tensor  # (B, m, A) optimised actions, critic units, best first
+    candidates: torch.Tensor  # (B, m, A) or (B, m, H, A) optimised, critic units, best first
     values: torch.Tensor      # (B, m) their ensemble-mean Q
     chosen: torch.Tensor      # (B,) index of the selected candidate
     sources: torch.Tensor     # (B, m) which of the N samples each came from (-1: the dataset's)
@@ -82,42 +94,65 @@ class UnitMap:
         return ((x * self.c_half + self.c_mid - self.p_mid) / self.p_half).clamp(-1.0, 1.0)
 
 
+def candidate_values(critic: Critic, z: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B, N) ensemble-mean Q of candidates (B, N, A), or of chunks (B, N, H, A) as the mean
+    over each chunk's actions, all valued at the current observation."""
+    b, n = candidates.shape[:2]
+    q = critic.q(z, candidates.reshape(b, -1, candidates.shape[-1])).mean(0)
+    return q.reshape(b, n, -1).mean(-1)
+
+
+def pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values (B, N, ...) at index (B, k) along dim 1 -> (B, k, ...)."""
+    index = index.reshape(*index.shape, *[1] * (values.dim() - 2))
+    return torch.gather(values, 1, index.expand(-1, -1, *values.shape[2:]))
+
+
 def optimise_actions(critic: Critic, z: torch.Tensor, candidates: torch.Tensor,
                      cfg: PARLConfig, data_actions: Optional[torch.Tensor] = None,
                      generator: Optional[torch.Generator] = None) -> Optimised:
-    """Steps 1-3 for z (B, F) and N candidates (B, N, A) in the critic's units.
+    """Steps 1-3 for z (B, F) and N candidates in the critic's units: actions (B, N, A) or
+    chunks (B, N, H, A) (see `candidate_values`).
 
-    data_actions (B, A), when given, replaces the worst optimised candidate (distillation).
+    data_actions (B, A), when given, replaces the worst optimised candidate (distillation; as a
+    chunk, the data action at every step, so its value is its own Q).
     """
     z = z.detach()
     with torch.no_grad():  # 1. global: keep the top m by ensemble-mean Q
-        q = critic.q(z, candidates).mean(0)                              # (B, N)
+        q = candidate_values(critic, z, candidates)                      # (B, N)
         top = q.topk(cfg.top_m, dim=1).indices
-        kept = torch.gather(candidates, 1, top[..., None].expand(-1, -1, candidates.shape[-1]))
+        kept = pick(candidates, top)
     best, best_q, sources = kept.clone(), torch.gather(q, 1, top), top.clone()
     actions = kept.clone()
+
+    def where(better, new, old):
+        return torch.where(better.reshape(*better.shape, *[1] * (new.dim() - 2)), new, old)
+
     for _ in range(cfg.gradient_steps):  # 2. local: gradient ascent, keep the best seen
         actions.requires_grad_(True)
-        value = critic.q(z, actions).mean(0)                             # (B, m)
+        value = candidate_values(critic, z, actions)                     # (B, m)
         grad, = torch.autograd.grad(value.sum(), actions)
         with torch.no_grad():
             better = value > best_q
-            best = torch.where(better[..., None], actions, best)
+            best = where(better, actions, best)
             best_q = torch.where(better, value, best_q)
             actions = (actions + cfg.step_size * grad).clamp(-1.0, 1.0)
     with torch.no_grad():
-        final = critic.q(z, actions).mean(0)
+        final = candidate_values(critic, z, actions)
         better = final > best_q
-        best = torch.where(better[..., None], actions, best)
+        best = where(better, actions, best)
         best_q = torch.where(better, final, best_q)
         if data_actions is not None:
             worst = best_q.argmin(dim=1)
             rows = torch.arange(best.shape[0], device=best.device)
-            best[rows, worst] = data_actions.to(best.dtype)
-            best_q[rows, worst] = critic.q(z, data_actions[:, None].to(z.dtype)).mean(0)[:, 0]
+            data = data_actions.to(best.dtype)
+            if best.dim() == 4:
+                data = data[:, None].expand(-1, best.shape[2], -1)
+            best[rows, worst] = data
+            best_q[rows, worst] = candidate_values(critic, z, data[:, None].to(z.dtype))[:, 0]
             sources[rows, worst] = -1
         order = best_q.argsort(dim=1, descending=True)
-        best = torch.gather(best, 1, order[..., None].expand_as(best))
+        best = pick(best, order)
         best_q = torch.gather(best_q, 1, order)
         sources = torch.gather(sources, 1, order)
         if cfg.temperature == 0:  # 3. select
@@ -135,30 +170,32 @@ def sample_chunks(policy: ChunkPolicy, images: torch.Tensor, lang_emb: torch.Ten
         return policy.head_sample(policy.encode(images, lang_emb), n).clamp(-1.0, 1.0)
 
 
-def sample_first_actions(policy: ChunkPolicy, images: torch.Tensor, lang_emb: torch.Tensor,
-                         n: int, units: UnitMap) -> torch.Tensor:
-    """(B, n, A) first actions of n sampled chunks, in the critic's units."""
-    return units.to_critic(sample_chunks(policy, images, lang_emb, n)[:, :, 0])
+def scored(chunks: torch.Tensor, units: UnitMap, cfg: PARLConfig) -> torch.Tensor:
+    """The candidates of sampled chunks (B, N, H, A), policy units, in the critic's units:
+    their first actions (B, N, A), or whole chunks (B, N, H, A) when scoring 'chunk'."""
+    return units.to_critic(chunks if cfg.scoring == 'chunk' else chunks[:, :, 0])
 
 
 def parl_sampler(policy: ChunkPolicy, critic: Critic, units: UnitMap,
                  cfg: PARLConfig) -> PolicySampler:
-    """Cal-QL's policy sampler for PA-RL: the n best optimised actions (log-probs unknown)."""
+    """Cal-QL's policy sampler for PA-RL: the first actions of the n best optimised candidates
+    (log-probs unknown)."""
     def sample(obs: PolicyInput, n: int) -> Samples:
-        candidates = sample_first_actions(policy, obs.images, obs.lang_emb, cfg.num_samples,
-                                          units)
+        chunks = sample_chunks(policy, obs.images, obs.lang_emb, cfg.num_samples)
         with torch.enable_grad():
-            optimised = optimise_actions(critic, obs.z, candidates, cfg)
-        return optimised.candidates[:, :min(n, cfg.top_m)], None
+            optimised = optimise_actions(critic, obs.z, scored(chunks, units, cfg), cfg)
+        best = optimised.candidates[:, :min(n, cfg.top_m)]
+        return (best[:, :, 0] if cfg.scoring == 'chunk' else best), None
     return sample
 
 
 class Choice(NamedTuple):
-    """The optimised policy's choice. chunk: the sampled chunk the action came from, its first
-    action replaced by the optimised one; when the dataset action was chosen, the best sampled
-    chunk with the dataset action first (its later steps are the policy's, not the data's)."""
+    """The optimised policy's choice. chunk: the sampled chunk the candidate came from, its
+    optimised part (first action, or all of it) put in; when the dataset action was chosen,
+    the best sampled chunk with the dataset action first (its later steps are the policy's,
+    not the data's)."""
 
-    action: torch.Tensor     # (B, A) the selected optimised action, critic units
+    action: torch.Tensor     # (B, A) the selected optimised (first) action, critic units
     value: torch.Tensor      # (B,) its ensemble-mean Q
     chunk: torch.Tensor      # (B, H, A) policy units
     from_data: torch.Tensor  # (B,) bool: the dataset action was chosen
@@ -179,16 +216,21 @@ def optimised_actions(policy: ChunkPolicy, critic: Critic, images: torch.Tensor,
         z = critic.encode(images, lang_emb, states)
     chunks = sample_chunks(policy, images, lang_emb, cfg.num_samples)
     with torch.enable_grad():
-        optimised = optimise_actions(critic, z, units.to_critic(chunks[:, :, 0]), cfg,
-                                     data_actions, generator)
+        optimised = optimise_actions(critic, z, scored(chunks, units, cfg), cfg, data_actions,
+                                     generator)
     rows = torch.arange(images.shape[0], device=images.device)
-    action = optimised.candidates[rows, optimised.chosen]
+    selected = optimised.candidates[rows, optimised.chosen]   # (B, A) or (B, H, A)
     source = optimised.sources[rows, optimised.chosen]
     from_data = source < 0
     first_sampled = (optimised.sources >= 0).int().argmax(dim=1)  # best first: the top one
     best_sampled = optimised.sources[rows, first_sampled].clamp(min=0)
     source = torch.where(from_data, best_sampled, source)
     chunk = chunks[rows, source].clone()
+    if cfg.scoring == 'chunk':
+        chunk = torch.where(from_data[:, None, None], chunk, units.to_policy(selected))
+        action = selected[:, 0]
+    else:
+        action = selected
     chunk[:, 0] = units.to_policy(action)
     return Choice(action, optimised.values[rows, optimised.chosen], chunk, from_data)
 
