@@ -511,8 +511,8 @@ class Actor:
     Every control step: one policy encoding and N sampled chunks, one critic encoding, PA-RL's
     optimisation of their first actions (or of whole chunks: `parl.scoring`), then the chosen
     chunk through the same execution as V-GPS: temporal ensembling, sticky gripper, the
-    robot's limits. The executed action is what is recorded. `load` verifies a weights update against
-    both networks before copying.
+    robot's limits. The executed action is what is recorded. `load` verifies a weights update
+    against both networks before copying.
     """
 
     def __init__(self, models: Models, cfg: parl.PARLConfig, name: str = 'actor',
