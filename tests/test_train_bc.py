@@ -6,6 +6,7 @@ MuJoCo simulation.
 """
 
 import json
+import math
 from pathlib import Path
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import robot_rl.cli.train_bc  # noqa: F401  (stores the hydra schema)
 from policies.common import load_policy
 from robot_rl.cli.config import compose
 from robot_rl.data.chunks import ChunkDataset
-from robot_rl.rl.train_bc import main
+from robot_rl.rl.train_bc import learning_rate, main
 from robot_rl.types import ActionSpace, Episode
 
 BIN = Path(sys.executable).parent
@@ -107,6 +108,31 @@ def test_console_script_checkpoints_logs_and_resumes(bc_run):
     assert chunks.shape == (5, 4, 7)
     assert (chunks >= policy.action_space.low - 1e-6).all()
     assert (chunks <= policy.action_space.high + 1e-6).all()
+
+
+def test_a_cosine_schedule_decays_the_rate_to_zero_and_follows_the_step_on_resume(
+        bridge_debug_dir, tmp_path):
+    from test_train_critic import scalars
+
+    def run(steps, *extra):
+        return main(config(bridge_debug_dir, tmp_path, f'steps={steps}', 'lr=1e-3',
+                           'lr_schedule=cosine', 'log_every=4', 'eval_every=100',
+                           'checkpoint_every=4', 'run_name=cosine', *extra))
+
+    run(8)
+    result = run(12, 'resume=true')
+    logged = scalars(result.run_dir, 'train/lr')
+    # The rate of each logged step's last update: the first run's curve spans its 8 steps,
+    # the resumed run continues at step 8 on the curve of its own 12.
+    expected = [0.5e-3 * (1 + math.cos(math.pi * (step - 1) / total))
+                for step, total in ((4, 8), (8, 8), (12, 12))]
+    assert [s for s, _ in logged] == [4, 8, 12]
+    np.testing.assert_allclose([v for _, v in logged], expected, rtol=1e-5)
+    assert logged[-1][1] < 0.03e-3
+    constant = config(bridge_debug_dir, tmp_path, 'lr=1e-3')
+    assert learning_rate(constant, 0) == learning_rate(constant, 11) == 1e-3
+    with pytest.raises(ValueError, match='lr_schedule one of'):
+        main(config(bridge_debug_dir, tmp_path, 'lr_schedule=linear'))
 
 
 def test_resume_with_another_policy_shape_is_refused(bc_run, bridge_debug_dir):

@@ -60,6 +60,16 @@ class PolicyConfig:
     """Keyword arguments of the class's head (see its constructor)."""
 
 
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+def learning_rate(cfg: 'TrainBCConfig', step: int) -> float:
+    """The rate of (0-based) `step` under cfg.lr_schedule."""
+    if cfg.lr_schedule == 'constant':
+        return cfg.lr
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
 @dataclasses.dataclass
 class TrainBCConfig:
     """robot-rl-train-bc: every field; configs/train_bc.yaml sets the defaults."""
@@ -71,6 +81,10 @@ class TrainBCConfig:
     steps: int = 50_000
     batch_size: int = 256
     lr: float = 3e-4
+    lr_schedule: str = 'constant'
+    """'constant', or 'cosine': from `lr` at the first step down to 0 at `steps`. The rate is a
+    function of the step and `steps`: a run resumed with a larger `steps` continues on the
+    longer curve."""
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     """Max global gradient norm (0 = no clipping)."""
@@ -98,6 +112,7 @@ class TrainBCConfig:
         problems = [text for ok, text in (
             (self.steps > 0, 'steps > 0'), (self.batch_size > 0, 'batch_size > 0'),
             (self.lr > 0, 'lr > 0'), (self.grad_clip >= 0, 'grad_clip >= 0'),
+            (self.lr_schedule in LR_SCHEDULES, f'lr_schedule one of {LR_SCHEDULES}'),
             (self.policy.horizon >= 1, 'policy.horizon >= 1'),
             (self.policy.name in POLICIES and issubclass(POLICIES[self.policy.name], ChunkPolicy),
              f'policy.name one of {sorted(n for n, c in POLICIES.items() if issubclass(c, ChunkPolicy))}'),  # noqa: E501
@@ -237,6 +252,9 @@ def train(cfg: TrainBCConfig, run: learner.Run, data: TrainData, policy: ChunkPo
                 raise FloatingPointError(f'non-finite loss at step {step + 1}. Stopped; {where}')
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
             grad_norm = (torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                          if cfg.grad_clip else torch.tensor(math.nan))
             optimizer.step()
@@ -245,7 +263,7 @@ def train(cfg: TrainBCConfig, run: learner.Run, data: TrainData, policy: ChunkPo
             done = step + 1
             if learner.due(done, cfg.log_every, cfg.steps):
                 losses, norms = np.mean(window, axis=0)
-                logger.scalars({'train/loss': losses, 'train/grad_norm': norms,
+                logger.scalars({'train/loss': losses, 'train/grad_norm': norms, 'train/lr': lr,
                                 'time/steps_per_second': len(window) / busy}, done)
                 progress.set_postfix(loss=f'{losses:.3g}')
                 window, busy = [], 0.0
