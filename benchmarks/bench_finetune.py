@@ -35,23 +35,26 @@ SHIPPED = REPO / 'robot_rl' / 'checkpoints' / 'sim'
 TASK = 'carrot_on_plate'
 
 
-def learner_config(batch_size: int, updates_per_step: float = 1.0,
-                   policy_tau: float = 1.0) -> ft.LearnerConfig:
+def learner_config(batch_size: int, updates_per_step: float = 1.0, policy_tau: float = 1.0,
+                   train_critic: bool = True, scoring: str = 'first_action',
+                   num_samples: int = 8) -> ft.LearnerConfig:
     return ft.LearnerConfig(policy_path=str(SHIPPED / 'policy.safetensors'),
                             critic_path=str(SHIPPED / 'critic'), offline_ratio=0.0,
                             warmup_episodes=1, updates_per_step=updates_per_step,
                             batch_size=batch_size, policy_tau=policy_tau,
+                            train_critic=train_critic,
                             algo=CalQLConfig(gamma=0.98, num_samples=4),
-                            parl=ft.parl.PARLConfig(num_samples=8, top_m=4, gradient_steps=3))
+                            parl=ft.parl.PARLConfig(num_samples=num_samples, top_m=4,
+                                                    gradient_steps=3, scoring=scoring))
 
 
-def bench_learner(batch_sizes, updates: int, policy_tau: float) -> None:
+def bench_learner(batch_sizes, updates: int, **settings) -> None:
     device = torch.device('cpu')
     env = make_env(TASK, image_size=64)
     instruction = TASKS[TASK].instruction
     for batch in batch_sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = learner_config(batch, policy_tau=policy_tau)
+            cfg = learner_config(batch, **settings)
             learner = ft.Learner(cfg, Path(tmp), device)
             actor = ft.Actor(ft.Models(cfg, device, 0), cfg.parl)
             for episode in range(2):
@@ -64,7 +67,7 @@ def bench_learner(batch_sizes, updates: int, policy_tau: float) -> None:
                 learner.update()
                 times.append(time.perf_counter() - start)
             median = statistics.median(times)
-            print(f'learner update, batch {batch:>3}, policy_tau {policy_tau}: '
+            print(f'learner update, batch {batch:>3}, {settings}: '
                   f'median {1e3 * median:7.1f} ms '
                   f'-> {1 / median:5.2f} updates/s')
 
@@ -121,11 +124,18 @@ def main() -> None:
     parser.add_argument('--policy-tau', type=float, default=1.0,
                         help='learner.policy_tau (below 1: an acting copy, one Polyak step '
                              'per update)')
+    parser.add_argument('--fixed-critic', action='store_true',
+                        help='learner.train_critic=false: distillation steps only')
+    parser.add_argument('--scoring', choices=ft.parl.SCORINGS, default='first_action',
+                        help='parl.scoring')
+    parser.add_argument('--num-samples', type=int, default=8, help='parl.num_samples')
     parser.add_argument('--learner-only', action='store_true', help='skip the actor figures')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(describe_cpu(), f'torch threads {args.threads}')
-    bench_learner(args.batch_sizes, args.updates, args.policy_tau)
+    bench_learner(args.batch_sizes, args.updates, policy_tau=args.policy_tau,
+                  train_critic=not args.fixed_critic, scoring=args.scoring,
+                  num_samples=args.num_samples)
     for with_learner in (() if args.learner_only else (False, True)):
         r = bench_actor(args.steps, with_learner)
         label = 'with a learner training flat out' if with_learner else 'alone'
