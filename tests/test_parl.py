@@ -151,12 +151,17 @@ def test_calql_with_the_parl_sampler_backs_up_optimised_actions():
     assert np.isfinite(stats.loss) and np.isfinite(stats.target_q)
 
 
-def test_the_chosen_chunk_carries_the_optimised_first_action():
+def three_observations():
+    """A tiny diffusion policy, one normaliser for policy and critic, 3 random observations."""
     torch.manual_seed(0)
     policy = tiny_policy('diffusion').eval()
     units = parl.UnitMap(ActionSpace.bridge(), ActionSpace.bridge(), torch.device('cpu'))
     images = torch.randint(0, 255, (3, 16, 16, 3), dtype=torch.uint8)
-    lang = torch.randn(3, 4)
+    return policy, units, images, torch.randn(3, 4)
+
+
+def test_the_chosen_chunk_carries_the_optimised_first_action():
+    policy, units, images, lang = three_observations()
     cfg = parl.PARLConfig(num_samples=8, top_m=3, gradient_steps=5, step_size=0.05)
     choice = parl.optimised_actions(policy, QuadraticCritic(), images, lang, units, cfg)
     assert choice.chunk.shape == (3, policy.action_horizon, 7)
@@ -208,11 +213,7 @@ def test_chunk_scoring_values_and_optimises_whole_chunks():
 
 
 def test_the_chosen_chunk_is_optimised_whole_when_scoring_chunks():
-    torch.manual_seed(0)
-    policy = tiny_policy('diffusion').eval()
-    units = parl.UnitMap(ActionSpace.bridge(), ActionSpace.bridge(), torch.device('cpu'))
-    images = torch.randint(0, 255, (3, 16, 16, 3), dtype=torch.uint8)
-    lang = torch.randn(3, 4)
+    policy, units, images, lang = three_observations()
     cfg = parl.PARLConfig(num_samples=8, top_m=3, gradient_steps=5, step_size=0.05,
                           scoring='chunk')
     policy.reset(0)
